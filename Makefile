@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine:
+#   make demo   set up, fetch MNIST, train the MNIST seed recipe, write its report
+#   make test   set up and run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CNNLAB := $(VENV)/bin/cnnlab
+
+.PHONY: setup system demo test bench
+
+# torch is pinned: 2.13.0 is the CPU build on this machine's disk; an open range pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian packages the tests use: Fashion-MNIST files and a headless browser for the report test.
+system:
+	bash scripts/install-system.sh
+
+demo: setup
+	$(CNNLAB) data get mnist
+	$(CNNLAB) train recipes/mnist_tiny.toml --out runs/mnist_tiny --overwrite
+	$(CNNLAB) report runs/mnist_tiny
+	@echo "report: runs/mnist_tiny/report.html"
+
+test: setup system
+	$(CNNLAB) data get mnist
+	$(CNNLAB) data get fashion-mnist
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/loader_throughput.py

@@ -1,0 +1,158 @@
+"""Batch augmentation as pure functions, and the in-memory batch loader.
+
+Every augmentation takes a batch ``x`` [N, C, H, W] (uint8 or float) and a ``torch.Generator``
+and returns a new tensor; it never changes its input. Each image draws its own crop offset,
+flip and cutout square, so the same generator seed gives the same batches.
+
+The loader keeps the whole split as one uint8 tensor on the training device and draws batches
+by index: no per-sample Python work, no worker processes. Conversion to float and normalisation
+happen once per batch, after the uint8 crop and flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _rand(n: int, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=gen.device).to(device)
+
+
+def _randint(high: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.randint(0, high, (n,), generator=gen, device=gen.device).to(device)
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator, mode: str = "zeros") -> torch.Tensor:
+    """Pad by ``pad`` pixels (``"zeros"`` or ``"reflect"``) and crop back to H x W at a random offset per image."""
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    if mode == "zeros":
+        padded = F.pad(x, (pad, pad, pad, pad))
+    elif mode == "reflect":
+        padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
+    else:
+        raise ValueError(f"crop padding mode {mode!r}; expected 'zeros' or 'reflect'")
+    dy = _randint(2 * pad + 1, n, gen, x.device)
+    dx = _randint(2 * pad + 1, n, gen, x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # N,1,H,1
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # N,1,1,W
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def flip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Mirror each image left-right with probability ``p``."""
+    mask = (_rand(len(x), gen, x.device) < p)[:, None, None, None]
+    return torch.where(mask, x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator, p: float = 1.0, fill: float = 0.0) -> torch.Tensor:
+    """Erase a ``size`` x ``size`` square per image (with probability ``p``), set to ``fill``.
+
+    The square lies wholly inside the image, so each erased image loses exactly size*size pixels
+    per channel. Applied after normalisation, ``fill=0`` is the dataset mean.
+    """
+    if size <= 0:
+        return x
+    n, _, h, w = x.shape
+    size = min(size, h, w)
+    y0 = _randint(h - size + 1, n, gen, x.device)[:, None, None]
+    x0 = _randint(w - size + 1, n, gen, x.device)[:, None, None]
+    on = (_rand(n, gen, x.device) < p)[:, None, None]
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    mask = on & (ys >= y0) & (ys < y0 + size) & (xs >= x0) & (xs < x0 + size)
+    return x.masked_fill(mask[:, None], fill)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Which augmentations a recipe uses (all off by default)."""
+
+    crop_pad: int = 0
+    crop_mode: str = "zeros"
+    flip: bool = False
+    cutout: int = 0
+    cutout_p: float = 1.0
+
+    def uint8_part(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.crop_pad:
+            x = random_crop(x, self.crop_pad, gen, self.crop_mode)
+        if self.flip:
+            x = flip(x, gen)
+        return x
+
+    def float_part(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.cutout:
+            x = cutout(x, self.cutout, gen, self.cutout_p)
+        return x
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> (x/255 - mean) / std in ``dtype``; mean/std are [C] tensors on x's device."""
+    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+    shift = (mean / std).view(1, -1, 1, 1)
+    return (x.float() * scale - shift).to(dtype)
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Inverse of ``normalize`` to [0, 1] floats (for showing images)."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1)
+
+
+class Loader:
+    """Batches of (normalised images, labels) drawn by index from uint8 tensors on ``device``.
+
+    ``for x, y in loader.epoch(gen)`` runs one epoch: shuffled when ``shuffle``, augmented by
+    ``augment``, cast to ``dtype`` and optionally made channels_last.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, *,
+                 device="cpu", augment: Augment | None = None, shuffle: bool = False,
+                 drop_last: bool = False, dtype=torch.float32, channels_last: bool = False):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size = batch_size
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
+        self.augment = augment or Augment()
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, gen: torch.Generator | None = None):
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu")
+            order = order.to(self.images.device)
+        else:
+            order = None
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
+            if order is None:
+                x, y = self.images[sl], self.labels[sl]
+            else:
+                idx = order[sl]
+                x, y = self.images[idx], self.labels[idx]
+            if gen is not None:
+                x = self.augment.uint8_part(x, gen)
+            x = normalize(x, self.mean, self.std, torch.float32)
+            if gen is not None:
+                x = self.augment.float_part(x, gen)
+            if self.dtype != torch.float32:
+                x = x.to(self.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y

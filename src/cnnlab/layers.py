@@ -1,0 +1,113 @@
+"""Tiny building blocks shared by the models.
+
+Everything here is either a small factory returning an ``nn.Sequential`` or a module whose
+children run in registration order, so ``cnnlab.summary`` can walk the tree structurally
+(Sequential = compose, ``Residual`` = max of identity and branch).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_bn(
+    c_in: int,
+    c_out: int,
+    k: int = 3,
+    stride: int = 1,
+    padding: int | None = None,
+    dilation: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    act: type[nn.Module] | None = nn.ReLU,
+    dropout: float = 0.0,
+    bn_momentum: float = 0.1,
+    bn_eps: float = 1e-5,
+    pool: int = 0,
+) -> nn.Sequential:
+    """Conv -> [MaxPool(pool)] -> BN -> act -> [Dropout].
+
+    ``padding=None`` means 'same' for stride 1 (``dilation * (k // 2)``); pass 0 for 'valid'.
+    ``bn_momentum`` is in PyTorch convention (weight of the new batch statistic).
+    ``pool > 0`` puts a max-pool right after the conv (the ERA / airbench ordering).
+    """
+    if padding is None:
+        padding = dilation * (k // 2)
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(pool))
+    layers.append(nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum))
+    if act is not None:
+        layers.append(act())
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class SeparableConv2d(nn.Sequential):
+    """Keras ``SeparableConv2D`` with depth multiplier 1: depthwise kxk (no bias) then pointwise 1x1 (bias)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 3, padding: int = 0, stride: int = 1,
+                 dilation: int = 1, bias: bool = True):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c_in, c_in, k, stride=stride, padding=padding, dilation=dilation,
+                                   groups=c_in, bias=False)
+        self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=bias)
+
+
+class Residual(nn.Module):
+    """``x + branch(x)``; the branch must keep the shape."""
+
+    def __init__(self, branch: nn.Module):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch(x)
+
+
+class GlobalPool(nn.Module):
+    """Global average or max pooling over H and W, flattened to (N, C) unless ``flatten=False``."""
+
+    def __init__(self, kind: str = "avg", flatten: bool = True):
+        super().__init__()
+        if kind not in ("avg", "max"):
+            raise ValueError(f"GlobalPool kind must be 'avg' or 'max', got {kind!r}")
+        self.kind = kind
+        self.flatten = flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mean(dim=(2, 3), keepdim=True) if self.kind == "avg" else x.amax(dim=(2, 3), keepdim=True)
+        return x.flatten(1) if self.flatten else x
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, flatten={self.flatten}"
+
+
+class Mul(nn.Module):
+    """Multiply by a fixed scale (e.g. DAWNBench's 0.125 logit scale)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+class Net(nn.Module):
+    """A classifier split into ``features`` (spatial map) and ``head`` (map -> logits)."""
+
+    def __init__(self, features: nn.Module, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

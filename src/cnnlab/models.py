@@ -1,0 +1,330 @@
+"""The model registry: every compact CNN cnnlab knows, built from the tiny factories in ``layers``.
+
+Each model is a ``layers.Net`` (or subclass) with ``features`` (input -> spatial map) and ``head``
+(spatial map -> logits); ``forward(x) == head(features(x))``. Use ``create_model(name, **options)``.
+
+Parameter budgets (``ModelSpec.budget``) are ``(low, high)`` bounds on ``sum(p.numel() for p in
+model.parameters())`` at default options, i.e. trainable + frozen parameters, BN buffers excluded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cnnlab.errors import CnnlabError
+from cnnlab.layers import GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    constructor: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    source: str
+    description: str
+    budget: tuple[int, int]
+    options: dict = field(default_factory=dict)  # option name -> default, from the constructor signature
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(name: str, input_shape: tuple[int, int, int], source: str, description: str,
+             budget: tuple[int, int], num_classes: int = 10):
+    """Decorator adding a constructor ``f(num_classes, **options) -> nn.Module`` to ``MODELS``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        params = inspect.signature(fn).parameters
+        options = {k: p.default for k, p in params.items() if k != "num_classes"}
+        MODELS[name] = ModelSpec(name, fn, tuple(input_shape), num_classes, source, description,
+                                 tuple(budget), options)
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        near = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.3)
+        hint = f"did you mean {', '.join(near)}?" if near else f"choose one of: {', '.join(list_models())}"
+        raise CnnlabError(f"unknown model {name!r}; {hint} (see `cnnlab models`)")
+    return MODELS[name]
+
+
+def _check_options(spec: ModelSpec, options: dict) -> None:
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        valid = ", ".join(sorted(spec.options)) or "(none)"
+        raise CnnlabError(f"unknown option {unknown[0]!r} for model {spec.name!r}; valid options: {valid}")
+    for key, value in options.items():
+        if key == "width" and not (isinstance(value, (int, float)) and 0.25 <= value <= 4):
+            raise CnnlabError(f"width={value!r} for {spec.name!r} is out of range; use a multiplier in [0.25, 4]")
+        if key.startswith("dropout") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise CnnlabError(f"{key}={value!r} for {spec.name!r} is out of range; use a probability in [0, 1)")
+        if key == "pool" and value not in ("avg", "max"):
+            raise CnnlabError(f"pool={value!r} for {spec.name!r} is not valid; use 'avg' or 'max'")
+        if key in ("scale", "bn_momentum_keras") and not isinstance(value, (int, float)):
+            raise CnnlabError(f"{key}={value!r} for {spec.name!r} must be a number")
+    if "bn_momentum_keras" in options and not 0 <= options["bn_momentum_keras"] < 1:
+        raise CnnlabError("bn_momentum_keras must be in [0, 1) (Keras convention: moving = m*moving + (1-m)*batch)")
+    if "scale" in options and options["scale"] <= 0:
+        raise CnnlabError(f"scale={options['scale']!r} must be > 0")
+    if "downsample" in options and options["downsample"] not in ("maxpool", "strided", "dilated"):
+        raise CnnlabError(f"downsample={options['downsample']!r} is not valid; use 'maxpool', 'strided' or 'dilated'")
+
+
+def create_model(name: str, num_classes: int | None = None, **options) -> nn.Module:
+    """Build a registered model; bad names or options raise ``CnnlabError``."""
+    spec = get_spec(name)
+    _check_options(spec, options)
+    if num_classes is None:
+        num_classes = spec.num_classes
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise CnnlabError(f"num_classes={num_classes!r} must be a positive integer")
+    model = spec.constructor(num_classes=num_classes, **options)
+    model._cnnlab_name = name  # lets summarize(model) find the default input shape
+    return model
+
+
+def _w(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+# --------------------------------------------------------------------------- MNIST (seed 002, Week 2)
+
+
+def _mnist_net(chans: dict, num_classes: int, dropout: float, pool: str, width: float) -> Net:
+    """conv-BN-ReLU-drop blocks, maxpool + 1x1 transition, GAP head with a 1x1 conv to classes."""
+    c1, c2, t, c3 = (_w(chans[k], width) for k in ("c1", "c2", "t", "c3"))
+    features = nn.Sequential(
+        conv_bn(1, c1, padding=0, dropout=dropout),  # 28 -> 26, RF 3
+        conv_bn(c1, c2, padding=0, dropout=dropout),  # 26 -> 24, RF 5
+        nn.MaxPool2d(2),  # 24 -> 12, RF 6
+        conv_bn(c2, t, k=1, padding=0),  # transition 1x1
+        conv_bn(t, c3, padding=0, dropout=dropout),  # 12 -> 10, RF 10
+        conv_bn(c3, c3, padding=0, dropout=dropout),  # 10 -> 8, RF 14
+        conv_bn(c3, c3, padding=0, dropout=dropout),  # 8 -> 6, RF 18
+        *([conv_bn(c3, c3, padding=1, dropout=dropout)] if chans["extra"] else []),  # 6 -> 6, RF 22
+    )
+    head = nn.Sequential(GlobalPool(pool, flatten=False), nn.Conv2d(c3, num_classes, 1, bias=False), nn.Flatten())
+    return Net(features, head)
+
+
+@register("mnist_tiny", (1, 28, 28), "seed 002 (Week 2)", "MNIST <15k: 3x3 conv-BN-ReLU-drop, maxpool+1x1, GAP, no dense",
+          budget=(10_000, 14_999))
+def mnist_tiny(num_classes: int = 10, dropout: float = 0.05, pool: str = "avg", width: float = 1.0) -> nn.Module:
+    """16 -> 24, maxpool, 1x1 -> 16, four 3x3 convs of 16 (last padded), GAP, 1x1 to classes (13,600 params)."""
+    return _mnist_net(dict(c1=16, c2=24, t=16, c3=16, extra=True), num_classes, dropout, pool, width)
+
+
+@register("mnist_8k", (1, 28, 28), "seed 002 (Week 2)", "MNIST <8k: like mnist_tiny, narrower and one conv fewer",
+          budget=(5_000, 7_999))
+def mnist_8k(num_classes: int = 10, dropout: float = 0.05, pool: str = "avg", width: float = 1.0) -> nn.Module:
+    """8 -> 16, maxpool, 1x1 -> 8, three 3x3 convs of 16, GAP, 1x1 to classes (7,432 params)."""
+    return _mnist_net(dict(c1=8, c2=16, t=8, c3=16, extra=False), num_classes, dropout, pool, width)
+
+
+# --------------------------------------------------------------------------- CIFAR (seed 002, Week 3)
+
+
+def _sep_bn(c_in: int, c_out: int, padding: int, dropout: float) -> nn.Sequential:
+    """Keras SeparableConv2D (bias on the pointwise) -> BN(eps 1e-3, Keras default) -> ReLU -> Dropout."""
+    layers = [SeparableConv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Dropout(dropout)) if dropout > 0 else nn.Sequential(*layers)
+
+
+@register("cifar_sep92k", (3, 32, 32), "seed 002 (Week 3)", "the Keras SeparableConv2D net, 92,901 params (Keras count)",
+          budget=(91_237, 91_237))
+def cifar_sep92k(num_classes: int = 10, dropout: float = 0.1, dropout_lin: float = 0.25) -> nn.Module:
+    """Exact port of the seed's Keras Sequential net. BN uses Keras defaults (eps 1e-3, momentum 0.99 =
+    PyTorch 0.01). ``dropout`` is the seed's p_conv, ``dropout_lin`` its p_lin (values not given in the
+    seed; 0.1 / 0.25 chosen)."""
+    features = nn.Sequential(
+        _sep_bn(3, 64, 1, dropout),  # 32
+        _sep_bn(64, 64, 0, dropout),  # 30
+        nn.MaxPool2d(2),  # 15
+        _sep_bn(64, 64, 1, dropout),  # 15
+        _sep_bn(64, 128, 0, dropout),  # 13
+        nn.MaxPool2d(2),  # 6
+        _sep_bn(128, 128, 1, dropout),  # 6
+        _sep_bn(128, 128, 0, dropout),  # 4
+    )
+    dense = [nn.Linear(128, 256), nn.BatchNorm1d(256, eps=1e-3, momentum=0.01), nn.ReLU()]
+    head = nn.Sequential(GlobalPool("avg"), *dense, *([nn.Dropout(dropout_lin)] if dropout_lin > 0 else []),
+                         nn.Linear(256, num_classes))
+    return Net(features, head)
+
+
+# --------------------------------------------------------------------------- CIFAR (seed 000)
+
+
+def _dw_bn(c_in: int, c_out: int, padding: int) -> nn.Sequential:
+    """Depthwise 3x3 with depth multiplier c_out / c_in (groups=c_in), then BN-ReLU."""
+    return conv_bn(c_in, c_out, padding=padding, groups=c_in)
+
+
+@register("cifar_dw56k", (3, 32, 32), "seed 000 (Assignment 6A)", "depthwise-conv CIFAR net, 84.4% with 56k params",
+          budget=(50_000, 60_000))
+def cifar_dw56k(num_classes: int = 10) -> nn.Module:
+    """Seed 000's 'winning architecture'. Choices (the seed gives only the layer list):
+
+    * ``DepthConv(n)`` is read as a Keras ``DepthwiseConv2D`` with depth multiplier 2 (each input
+      channel -> 2 output channels, ``groups=c_in``), which is what gives the seed's ~56k params; a
+      depthwise-separable conv (depthwise + pointwise to n) would give ~111k.
+    * every conv except the output one is conv(bias=False)-BN-ReLU.
+    * unpadded convs are 'valid'; ``MaxPool(2, padded)`` is Keras 'same' pooling = ``ceil_mode``.
+      Spatial: 32 ->30 ->28 ->26 ->26, pool 13, block 2 keeps 13, pool (ceil) 7, 7 ->7 ->5,
+      so the output ``Conv(10, 5x5)`` maps 5x5 -> 1x1 (with bias), then Flatten.
+    """
+    features = nn.Sequential(
+        conv_bn(3, 32, padding=0),  # 30
+        _dw_bn(32, 64, 0),  # 28
+        _dw_bn(64, 128, 0),  # 26
+        _dw_bn(128, 256, 1),  # 26
+        nn.MaxPool2d(2),  # 13
+        conv_bn(256, 32, k=1),
+        conv_bn(32, 32, padding=1),
+        _dw_bn(32, 64, 1),
+        _dw_bn(64, 128, 1),
+        nn.MaxPool2d(2, ceil_mode=True),  # 7
+        conv_bn(128, 32, k=1),
+        conv_bn(32, 32, padding=1),
+        _dw_bn(32, 64, 1),
+        _dw_bn(64, 128, 0),  # 5
+        conv_bn(128, 32, k=1),
+    )
+    head = nn.Sequential(nn.Conv2d(32, num_classes, 5), nn.Flatten())
+    return Net(features, head)
+
+
+# --------------------------------------------------------------------------- ResNet9 / DavidNet (seed 001)
+
+
+@register("resnet9", (3, 32, 32), "seed 001 (Assignment 14)", "DavidNet / resnet_small (Keras), 6,577,600 params",
+          budget=(6_573_120, 6_573_120))
+def resnet9(num_classes: int = 10, width: float = 1.0, dropout: float = 0.1, pool: str = "max",
+            bn_momentum_keras: float = 0.1, scale: float = 1.0) -> nn.Module:
+    """The seed's Keras ``resnet_small``: 3x3 convs without bias, BN eps 1e-5, Keras momentum 0.1
+    (= PyTorch momentum 0.9), final MaxPool(4) (``pool='avg'`` for AvgPool(4)), Linear(512, 10, bias=False),
+    logits times ``scale`` (DAWNBench used 0.125)."""
+    c = {k: _w(v, width) for k, v in dict(prep=64, l1=128, l2=256, l3=512).items()}
+
+    def block(c_in, c_out, drop=0.0):
+        return conv_bn(c_in, c_out, dropout=drop, bn_momentum=1 - bn_momentum_keras, bn_eps=1e-5)
+
+    features = nn.Sequential(
+        block(3, c["prep"]),
+        block(c["prep"], c["l1"]),
+        nn.MaxPool2d(2),
+        Residual(nn.Sequential(block(c["l1"], c["l1"], dropout), block(c["l1"], c["l1"]))),
+        block(c["l1"], c["l2"]),
+        nn.MaxPool2d(2),
+        block(c["l2"], c["l3"]),
+        nn.MaxPool2d(2),
+        Residual(nn.Sequential(block(c["l3"], c["l3"], dropout), block(c["l3"], c["l3"]))),
+    )
+    head = nn.Sequential(nn.MaxPool2d(4) if pool == "max" else nn.AvgPool2d(4), nn.Flatten(),
+                         nn.Linear(c["l3"], num_classes, bias=False), Mul(scale))
+    return Net(features, head)
+
+
+# --------------------------------------------------------------------------- ERA custom ResNet (seed 003)
+
+
+@register("resnet_custom", (3, 32, 32), "seed 003 (ERA Session 10)", "custom ResNet (conv-pool-BN-ReLU + res blocks)",
+          budget=(6_570_000, 6_580_000))
+def resnet_custom(num_classes: int = 10, dropout: float = 0.0, downsample: str = "maxpool", width: float = 1.0) -> nn.Module:
+    """PrepLayer conv64; Layer1 conv128-MaxPool-BN-ReLU + ResBlock(128); Layer2 conv256-MaxPool-BN-ReLU;
+    Layer3 conv512-MaxPool-BN-ReLU + ResBlock(512); MaxPool(4); FC 512 -> classes (with bias).
+
+    ``downsample`` (seed 003 mentions strided and dilated convs) replaces each conv+MaxPool(2) with
+    'strided': a 3x3 conv with stride 2, or 'dilated': a 3x3 conv with stride 2 and dilation 2 (pad 2);
+    both halve the map with the same parameter count; 'dilated' sees a wider context."""
+    c = {k: _w(v, width) for k, v in dict(prep=64, l1=128, l2=256, l3=512).items()}
+
+    def down(c_in, c_out):
+        if downsample == "maxpool":
+            return conv_bn(c_in, c_out, pool=2, dropout=dropout)
+        if downsample == "strided":
+            return conv_bn(c_in, c_out, stride=2, padding=1, dropout=dropout)
+        return conv_bn(c_in, c_out, stride=2, dilation=2, padding=2, dropout=dropout)
+
+    def res(ch):
+        return Residual(nn.Sequential(conv_bn(ch, ch, dropout=dropout), conv_bn(ch, ch, dropout=dropout)))
+
+    features = nn.Sequential(
+        conv_bn(3, c["prep"], dropout=dropout),
+        down(c["prep"], c["l1"]),
+        res(c["l1"]),
+        down(c["l1"], c["l2"]),
+        down(c["l2"], c["l3"]),
+        res(c["l3"]),
+    )
+    head = nn.Sequential(nn.MaxPool2d(4), nn.Flatten(), nn.Linear(c["l3"], num_classes))
+    return Net(features, head)
+
+
+# --------------------------------------------------------------------------- airbench94
+
+
+def _air_bn(c: int) -> nn.BatchNorm2d:
+    """airbench BN: their momentum 0.6 = PyTorch 0.4, eps 1e-12, weight frozen at 1, bias trainable."""
+    bn = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+def _air_group(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), _air_bn(c_out), nn.GELU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _air_bn(c_out), nn.GELU(),
+    )
+
+
+class AirbenchNet(Net):
+    """``features[0]`` is the 2x2 patch-whitening conv; call ``init_from_data`` before training."""
+
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening conv from 2x2 patches of ``images`` (N, C, H, W, normalized) and freeze it.
+
+        Filters are the eigenvectors of the (uncentered) patch covariance scaled by 1/sqrt(eig + eps),
+        largest eigenvalue first, followed by their negatives; the bias is zeroed (it stays trainable).
+        """
+        conv = self.features[0]
+        c, (kh, kw) = conv.in_channels, conv.kernel_size
+        if images.dim() != 4 or images.shape[1] != c:
+            raise CnnlabError(f"init_from_data needs images shaped (N, {c}, H, W); got {tuple(images.shape)}")
+        with torch.no_grad():
+            patches = images.float().unfold(2, kh, 1).unfold(3, kw, 1)  # N, C, H', W', kh, kw
+            flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw).double()
+            cov = flat.T @ flat / flat.shape[0]
+            eig, vec = torch.linalg.eigh(cov)  # ascending
+            eig, vec = eig.flip(0), vec.flip(1)
+            filters = (vec.T / torch.sqrt(eig.clamp_min(0) + eps)[:, None]).reshape(-1, c, kh, kw)
+            conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.dtype))
+            conv.bias.zero_()
+        conv.weight.requires_grad_(False)
+
+
+@register("airbench94", (3, 32, 32), "airbench paper (Jordan 2024)", "airbench94: whitening conv + 3 conv groups, GELU",
+          budget=(1_960_000, 1_980_000))
+def airbench94(num_classes: int = 10, scale: float = 1 / 9) -> nn.Module:
+    """Frozen 2x2 whitening conv 3 -> 24 (no padding, 32 -> 31), GELU, conv groups 64/256/256
+    (conv-MaxPool-BN-GELU-conv-BN-GELU, 31 -> 15 -> 7 -> 3), global max pool, Linear(256, classes,
+    bias=False), times ``scale``."""
+    whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
+    whiten.weight.requires_grad_(False)
+    features = nn.Sequential(whiten, nn.GELU(), _air_group(24, 64), _air_group(64, 256), _air_group(256, 256))
+    head = nn.Sequential(GlobalPool("max"), nn.Linear(256, num_classes, bias=False), Mul(scale))
+    return AirbenchNet(features, head)
