@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cnnlab.errors import CnnlabError
 
@@ -33,6 +34,32 @@ def cmd_summary(args) -> None:
 
     shape = parse_shape(args.input) if args.input else None
     print(summary.summarize(args.model, input_shape=shape).to_text())
+
+
+def cmd_train(args) -> int:
+    from cnnlab import config, train
+
+    if args.resume:
+        if args.recipe or args.set:
+            raise CnnlabError("--resume continues a run with its saved config; pass only --resume RUN_DIR")
+        out = args.resume
+        cfg = None
+    else:
+        if not args.recipe:
+            raise CnnlabError("pass a recipe, e.g. cnnlab train recipes/mnist_tiny.toml (or --resume RUN_DIR)")
+        cfg = config.load_recipe(args.recipe, args.set)
+        if args.quiet:
+            cfg.train.quiet = True
+        out = args.out or f"runs/{Path(args.recipe).stem}"
+    try:
+        res = train.train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite)
+    except train.Interrupted:
+        return 130
+    r = res.result
+    ttt = f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None else "not reached"
+    print(f"{r['model']} on {r['dataset']}: final {r['eval_split']} acc {r['final_val_acc']:.2%}, best "
+          f"{r['best_val_acc']:.2%}, {r['train_seconds']:.1f} s training, time to target: {ttt}; run: {out}")
+    return 0
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -69,20 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--input", help="input shape C,H,W (default: the model's own)")
     s.set_defaults(func=cmd_summary)
+    t = sub.add_parser("train", help="train a recipe into a run directory")
+    t.add_argument("recipe", nargs="?", help="a TOML recipe, e.g. recipes/mnist_tiny.toml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    t.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=cmd_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except CnnlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class DataConfig:
     dataset: str = "mnist"  # a known name or the path of an image folder
     root: str = ""  # data cache directory ("" = $CNNLAB_DATA or ~/.cache/cnnlab)
     val_split: int = 0  # hold out the last N training images as the evaluation split
+    subset: int = 0  # train on only the first N training images (0 = all); for quick trials
     batch_size: int = 128
     eval_batch_size: int = 1000
     crop_pad: int = 0  # pad-and-random-crop by this many pixels
@@ -178,6 +179,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs >= 1, f"train.epochs = {cfg.train.epochs}: must be >= 1"),
         (cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}: must be >= 1"),
         (cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}: must be >= 1"),
+        (cfg.data.subset >= 0, f"data.subset = {cfg.data.subset}: must be >= 0"),
         (cfg.data.val_split >= 0, f"data.val_split = {cfg.data.val_split}: must be >= 0"),
         (cfg.data.crop_pad >= 0, f"data.crop_pad = {cfg.data.crop_pad}: must be >= 0"),
         (cfg.data.cutout >= 0, f"data.cutout = {cfg.data.cutout}: must be >= 0"),

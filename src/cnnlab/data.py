@@ -24,6 +24,7 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,7 +220,7 @@ def read_idx_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError) as e:  # gzip raises these for truncated or damaged archives
+    except (OSError, EOFError, zlib.error) as e:  # gzip raises these for truncated or damaged archives
         raise CnnlabError(f"{path}: cannot read ({e}); expected an IDX file, raw or gzip: "
                           f"fetch it again with `cnnlab data get`") from None
 
@@ -326,8 +327,9 @@ def cifar_files_from(path: Path, info: DatasetInfo) -> dict[str, bytes]:
             with tarfile.open(path, "r:*") as tar:
                 return {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers()
                         if m.isfile() and Path(m.name).name in wanted}
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise CnnlabError(f"{path}: not a readable .tar.gz archive ({e}); expected the CIFAR "
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            why = " ".join(str(e).split())  # tarfile's messages span several lines
+            raise CnnlabError(f"{path}: not a readable .tar.gz archive ({why}); expected the CIFAR "
                               f"python release archive") from None
     folder = path / info.archive_dir if (path / info.archive_dir).is_dir() else path
     return {n: (folder / n).read_bytes() for n in wanted if (folder / n).is_file()}
@@ -542,8 +544,11 @@ def _download(url: str, dest: Path, timeout: float) -> None:
         dest.write_bytes(r.read())
 
 
-def _stage_from(info: DatasetInfo, src: Path, staging: Path) -> None:
-    """Copy the release files found at ``src`` (directory or archive) into ``staging``."""
+def _stage_from(info: DatasetInfo, src: Path, staging: Path) -> str:
+    """Copy the release files found at ``src`` (directory or archive) into ``staging``.
+
+    Returns where the files were found, to name them in error messages instead of ``staging``.
+    """
     if info.kind == "idx":
         if not src.is_dir():
             raise CnnlabError(f"{src}: not a directory; expected a folder with the four {info.name} IDX files")
@@ -554,11 +559,15 @@ def _stage_from(info: DatasetInfo, src: Path, staging: Path) -> None:
                 raise CnnlabError(f"{base / stem}: missing; expected the four IDX files "
                                   f"({', '.join(IDX_FILES.values())}), raw or .gz")
             shutil.copyfile(f, staging / f.name)
+        return str(base)
     else:
         if not src.exists():
             raise CnnlabError(f"{src}: does not exist; expected a CIFAR batch directory or .tar.gz archive")
         for n, data in cifar_files_from(src, info).items():
             (staging / n).write_bytes(data)
+        if src.is_file():
+            return f"{src}/{info.archive_dir}"  # a member of the archive
+        return str(src / info.archive_dir if (src / info.archive_dir).is_dir() else src)
 
 
 def get_dataset(name: str, root: str | Path | None = None, from_path: str | Path | None = None,
@@ -579,9 +588,9 @@ def get_dataset(name: str, root: str | Path | None = None, from_path: str | Path
     with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as tmp:
         staging = Path(tmp) / "raw"
         staging.mkdir()
-        source = None
+        source = origin = None
         if from_path is not None:
-            _stage_from(info, Path(from_path).expanduser(), staging)
+            origin = _stage_from(info, Path(from_path).expanduser(), staging)
             source = str(Path(from_path).expanduser().resolve())
         if source is None and os.environ.get("CNNLAB_OFFLINE") != "1":
             source = _try_downloads(info, staging, timeout, errors)
@@ -590,9 +599,15 @@ def get_dataset(name: str, root: str | Path | None = None, from_path: str | Path
         if source is None:
             hint = f"pass --from DIR with the release files ({'; '.join(errors)})"
             raise CnnlabError(f"could not acquire {name} from any source: {hint}")
-        ds = read_raw(name, staging)  # validates every file before anything is replaced
+        try:
+            ds = read_raw(name, staging)  # validates every file before anything is replaced
+        except CnnlabError as e:
+            if origin is None:
+                raise
+            raise CnnlabError(str(e).replace(str(staging), origin)) from None  # name the user's files
         if not ds.verified and strict:
-            raise CnnlabError(f"{name} from {source}: checksum mismatch with the official release; "
+            bad = ", ".join(_mismatched(info, staging))
+            raise CnnlabError(f"{name} from {source}: checksum mismatch with the official release ({bad}); "
                               f"fetch the original files, or drop --strict to use this copy unverified")
         raw = folder / "raw"
         old = folder / ".raw-old"
@@ -608,6 +623,18 @@ def get_dataset(name: str, root: str | Path | None = None, from_path: str | Path
     state = "verified against the release checksums" if ds.verified else "UNVERIFIED: checksums differ from the release"
     log(f"{name}: {len(ds.train)} train / {len(ds.test) if ds.test else 0} test images from {source} ({state})")
     return record
+
+
+def _mismatched(info: DatasetInfo, folder: Path) -> list[str]:
+    """Staged release files whose md5 (IDX: of the uncompressed bytes) differs from the published one."""
+    bad = []
+    for f in sorted(folder.iterdir()):
+        stem = f.name[:-3] if info.kind == "idx" and f.name.endswith(".gz") else f.name
+        if stem in info.md5:
+            got = md5_bytes(read_idx_bytes(f) if info.kind == "idx" else f.read_bytes())
+            if got != info.md5[stem]:
+                bad.append(f"{f.name}: md5 {got}, expected {info.md5[stem]}")
+    return bad
 
 
 def _try_downloads(info: DatasetInfo, staging: Path, timeout: float, errors: list) -> str | None:

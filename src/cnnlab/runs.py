@@ -1,0 +1,107 @@
+"""Run directories: what a training run leaves behind, written atomically, read back checked.
+
+``runs/NAME/`` holds ``config.toml`` (the resolved recipe), ``metrics.jsonl`` (one JSON object
+per epoch), ``result.json`` (the outcome), ``last.pt`` and ``best.pt`` (checkpoints that carry
+the model name, options and config needed to rebuild the model) and ``summary.txt``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from cnnlab.data import atomic_write_bytes
+from cnnlab.errors import CnnlabError
+from cnnlab.models import create_model
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_metrics(run: Path, rows: list[dict]) -> None:
+    """Rewrite metrics.jsonl with ``rows`` (whole file, atomically: a resumed run stays consistent)."""
+    atomic_write_bytes(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_result(run: Path) -> dict:
+    path = Path(run) / "result.json"
+    if not path.is_file():
+        raise CnnlabError(f"{run}: not a cnnlab run (no result.json); pass a directory made by `cnnlab train`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CnnlabError(f"{path}: damaged JSON ({e}); re-run `cnnlab train` for this run") from None
+
+
+def is_run(path: Path) -> bool:
+    path = Path(path)
+    return (path / "config.toml").is_file() and ((path / "result.json").is_file() or (path / "last.pt").is_file())
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(run: Path, which: str = "last") -> dict:
+    """Read ``last.pt`` or ``best.pt`` of a run (or a checkpoint file path)."""
+    run = Path(run)
+    if which not in ("last", "best"):
+        raise CnnlabError(f"checkpoint {which!r}: expected 'best' or 'last'")
+    path = run if run.is_file() else run / f"{which}.pt"
+    if not run.exists():
+        raise CnnlabError(f"{run}: no such run directory; list runs with `cnnlab runs`")
+    if not path.is_file():
+        raise CnnlabError(f"{run}: no checkpoint {path.name}; the run saved none (train it with `cnnlab train`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for damaged files
+        raise CnnlabError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or re-run training") from None
+    if not isinstance(ckpt, dict) or "model_name" not in ckpt or "state_dict" not in ckpt:
+        raise CnnlabError(f"{path}: not a cnnlab checkpoint (no model name/state); expected a file made by `cnnlab train`")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (the EMA weights if present)."""
+    model = create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], **ckpt["model_options"])
+    state = ckpt["ema_state_dict"] if use_ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CnnlabError(f"checkpoint weights do not fit model {ckpt['model_name']}: "
+                          f"{str(e).splitlines()[0]}; the checkpoint is from another model") from None
+    return model
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def list_runs(root: Path) -> list[Path]:
+    root = Path(root)
+    if is_run(root):
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_run(p)) if root.is_dir() else []

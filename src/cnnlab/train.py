@@ -1,0 +1,350 @@
+"""The training loop: one explicit function, ``train(cfg)``, and the pieces it is made of.
+
+Per step: LR (and momentum) from the schedule, forward under autocast, loss, backward, step,
+EMA update. Per epoch: time the training (evaluation excluded), evaluate, write a row of
+``metrics.jsonl``, save ``last.pt`` (and ``best.pt``), print a table row, check the stops
+(target accuracy, plateau). ``train(cfg, out, resume=True)`` continues from ``last.pt`` with the
+saved optimizer and RNG states, so a resumed CPU run ends with the same metrics as one that
+was never interrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab import config as config_mod
+from cnnlab import runs
+from cnnlab.augment import Augment, Loader, normalize
+from cnnlab.config import Config
+from cnnlab.data import Dataset, Split, load_dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.evaluate import autocast, loss_and_accuracy, predict
+from cnnlab.models import create_model, get_spec
+from cnnlab.schedules import lr_at
+from cnnlab.summary import summarize
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path | None
+    history: list[dict] = field(default_factory=list)
+    result: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CnnlabError(f"train.device = {name!r} but no CUDA GPU is available; use device = \"auto\" or \"cpu\"")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CnnlabError(f"train.device = {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built from a config: data, model, loaders, optimizer."""
+
+    cfg: Config
+    ds: Dataset
+    model: torch.nn.Module
+    train_loader: Loader
+    eval_loader: Loader
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    dtype: torch.dtype
+    summary_text: str
+    params: int
+
+
+def check_compatible(cfg: Config, ds: Dataset) -> None:
+    spec = get_spec(cfg.model.name)
+    if spec.input_shape[0] != ds.shape[0]:
+        raise CnnlabError(f"model {spec.name} takes {spec.input_shape[0]}-channel images but {ds.name} has "
+                          f"{ds.shape[0]} channel(s); choose a model for {ds.shape[0]}-channel input (`cnnlab models`)")
+    if cfg.data.batch_size > len(ds.train):
+        raise CnnlabError(f"data.batch_size = {cfg.data.batch_size} is larger than the {len(ds.train)} training "
+                          f"images of {ds.name}; use a batch size <= {len(ds.train)}")
+
+
+def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if (not o.decay_bn_and_bias and p.ndim <= 1) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def setup(cfg: Config, log=print) -> Setup:
+    """Load data, build and check the model, loaders and optimizer for ``cfg``."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    dtype = DTYPES[cfg.train.dtype]
+    ds = load_dataset(cfg.data.dataset, root=cfg.data.root or None, val_split=cfg.data.val_split, log=log)
+    if cfg.data.subset:
+        ds.train = Split(ds.train.images[:cfg.data.subset], ds.train.labels[:cfg.data.subset])
+    check_compatible(cfg, ds)
+    seed_everything(cfg.train.seed)
+    model = create_model(cfg.model.name, num_classes=ds.num_classes, **cfg.model.options)
+    summary = summarize(model, input_shape=ds.shape)  # raises a clear error when the shape does not fit
+    aug = Augment(cfg.data.crop_pad, cfg.data.crop_mode, cfg.data.flip, cfg.data.cutout, cfg.data.cutout_p)
+    common = dict(device=device, channels_last=cfg.train.channels_last)
+    train_loader = Loader(ds.train.images, ds.train.labels, cfg.data.batch_size, ds.mean, ds.std,
+                          augment=aug, shuffle=True, drop_last=len(ds.train) >= 2 * cfg.data.batch_size, **common)
+    eval_loader = Loader(ds.test.images, ds.test.labels, cfg.data.eval_batch_size, ds.mean, ds.std, **common)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if hasattr(model, "init_from_data"):
+        n = min(len(ds.train), 5000)
+        model.init_from_data(normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
+    optimizer = build_optimizer(model, cfg.optim)
+    return Setup(cfg, ds, model, train_loader, eval_loader, optimizer, device, dtype, summary.to_text(),
+                 summary.total_params)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+        if momentum is not None:
+            if "betas" in g:
+                g["betas"] = (momentum, g["betas"][1])
+            elif g.get("momentum", 0) > 0:
+                g["momentum"] = momentum
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_p = [p for p in ema.parameters()]
+    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    state = {"data": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(gen: torch.Generator, state: dict) -> None:
+    gen.set_state(state["data"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+HEADER = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8} {'epoch_s':>8} {'train_s':>8}"
+
+
+def table_row(r: dict) -> str:
+    return (f"{r['epoch']:>5} {r['lr']:>9.2e} {r['train_loss']:>10.4f} {100 * r['train_acc']:>8.2f}% "
+            f"{r['val_loss']:>9.4f} {100 * r['val_acc']:>7.2f}% {r['epoch_seconds']:>8.1f} {r['train_seconds']:>8.1f}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CnnlabError(f"{out} already holds files; pass --overwrite to replace that run, "
+                          f"--resume to continue it, or --out another directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: bool = False,
+          overwrite: bool = False, log=print) -> RunResult:
+    """Train per ``cfg`` into run directory ``out`` (None: nothing written); return the history.
+
+    With ``resume``, ``cfg`` may be None: the config comes from ``out/last.pt``.
+    """
+    out = Path(out) if out is not None else None
+    ckpt = None
+    if resume:
+        if out is None:
+            raise CnnlabError("--resume needs the run directory to continue, e.g. --resume runs/mnist_tiny")
+        ckpt = runs.load_checkpoint(out, "last")
+        cfg = config_mod.from_dict(ckpt["config"])
+    elif out is not None:
+        prepare_run_dir(out, overwrite)
+    quiet = cfg.train.quiet
+    say = (lambda *a, **k: None) if quiet else log
+    s = setup(cfg, log=say)
+    model, opt, device = s.model, s.optimizer, s.device
+    ema = copy.deepcopy(model).eval() if cfg.train.ema else None
+    fwd = torch.compile(model) if cfg.train.compile else model
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    steps_per_epoch = len(s.train_loader)
+    history: list[dict] = []
+    state = {"train_seconds": 0.0, "best_val_acc": -1.0, "time_to_target_s": None, "target_epoch": None,
+             "bad_epochs": 0}
+    start_epoch = 1
+    if ckpt is not None:
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if ema is not None and ckpt.get("ema_state_dict"):
+            ema.load_state_dict(ckpt["ema_state_dict"])
+        set_rng_state(gen, ckpt["rng"])
+        history = list(ckpt["history"])
+        state.update(ckpt["state"])
+        start_epoch = ckpt["epoch"] + 1
+        say(f"resuming {out} at epoch {start_epoch}")
+    meta = {"model_name": cfg.model.name, "model_options": dict(cfg.model.options), "num_classes": s.ds.num_classes,
+            "config": config_mod.to_dict(cfg), "dataset": {"name": s.ds.name, "classes": s.ds.classes,
+            "mean": list(s.ds.mean), "std": list(s.ds.std), "shape": list(s.ds.shape), "eval_split": s.ds.test_name}}
+    if out is not None:
+        runs.write_text(out / "config.toml", config_mod.to_toml(cfg))
+        runs.write_text(out / "summary.txt", s.summary_text + "\n")
+
+    def result(status: str) -> dict:
+        last = history[-1] if history else {}
+        return {
+            "status": status, "model": cfg.model.name, "dataset": s.ds.name, "eval_split": s.ds.test_name,
+            "params": s.params, "epochs_run": len(history), "epochs": cfg.train.epochs,
+            "final_val_acc": last.get("val_acc"), "best_val_acc": max((r["val_acc"] for r in history), default=None),
+            "final_val_loss": last.get("val_loss"), "train_seconds": state["train_seconds"],
+            "target": cfg.train.target or None, "time_to_target_s": state["time_to_target_s"],
+            "target_epoch": state["target_epoch"], "seed": cfg.train.seed, "device": str(device),
+            "dtype": cfg.train.dtype, "threads": torch.get_num_threads(), "channels_last": cfg.train.channels_last,
+            "compile": cfg.train.compile, "batch_size": cfg.data.batch_size, "torch_version": torch.__version__,
+            "git_commit": runs.git_commit(), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def save(epoch: int, name: str) -> None:
+        if out is None:
+            return
+        runs.save_checkpoint(out / name, {
+            **meta, "epoch": epoch, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
+            "ema_state_dict": ema.state_dict() if ema is not None else None, "rng": rng_state(gen),
+            "history": history, "state": dict(state)})
+
+    def finish(status: str) -> RunResult:
+        res = result(status)
+        if out is not None:
+            runs.write_json(out / "result.json", res)
+        return RunResult(out, history, res)
+
+    say(HEADER)
+    for r in history:
+        say(table_row(r))
+    epoch, step_in_epoch = start_epoch, 0
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs + 1):
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            _sync(device)
+            t0 = time.perf_counter()
+            bar = _progress(steps_per_epoch, epoch, quiet)
+            for step_in_epoch, (x, y) in enumerate(s.train_loader.epoch(gen)):
+                step = (epoch - 1) * steps_per_epoch + step_in_epoch
+                lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
+                set_lr(opt, lr, mom)
+                with autocast(device, s.dtype):
+                    logits = fwd(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise _Diverged(epoch, step_in_epoch + 1, float(loss), lr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                opt.step()
+                if ema is not None:
+                    ema_update(ema, model, cfg.train.ema)
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                if bar is not None:
+                    bar.update(1)
+            _sync(device)
+            epoch_seconds = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+            state["train_seconds"] += epoch_seconds
+            logits_v, labels_v = predict(ema if ema is not None else fwd, s.eval_loader, cfg.train.tta, s.dtype)
+            val_loss, val_acc = loss_and_accuracy(logits_v, labels_v)
+            row = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+                   "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": epoch_seconds,
+                   "train_seconds": state["train_seconds"]}
+            history.append(row)
+            improved = val_acc > state["best_val_acc"]
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+            state["best_val_acc"] = max(state["best_val_acc"], val_acc)
+            hit = cfg.train.target and val_acc >= cfg.train.target and state["time_to_target_s"] is None
+            if hit:
+                state["time_to_target_s"], state["target_epoch"] = state["train_seconds"], epoch
+            if out is not None:
+                runs.write_metrics(out, history)
+            save(epoch, "last.pt")
+            if improved:
+                save(epoch, "best.pt")
+            say(table_row(row) + ("  <- target" if hit else ""))
+            if hit and cfg.train.stop_at_target:
+                say(f"reached target {cfg.train.target:.2%} at epoch {epoch} after {state['train_seconds']:.1f} s of training")
+                break
+            if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
+                say(f"stopping early: no improvement for {cfg.train.patience} epochs")
+                break
+    except KeyboardInterrupt:
+        done = len(history)
+        log(f"interrupted in epoch {epoch}; {'last.pt holds epoch ' + str(done) if out and done else 'nothing saved'}"
+            + (f"; continue with: cnnlab train --resume {out}" if out else ""))
+        res = finish("interrupted")
+        raise Interrupted(res) from None
+    except _Diverged as d:
+        finish("diverged")
+        kept = f"; the last good checkpoint is {out / 'last.pt'} (epoch {len(history)})" if out and history else ""
+        raise CnnlabError(f"loss became {d.value} at epoch {d.epoch}, step {d.step} (lr {d.lr:.3g}): the learning rate "
+                          f"is probably too high, lower optim.lr{kept}") from None
+    status = "target" if state["time_to_target_s"] is not None else "done"
+    return finish(status)
+
+
+class _Diverged(Exception):
+    def __init__(self, epoch: int, step: int, value: float, lr: float):
+        super().__init__(f"loss {value} at epoch {epoch} step {step}")
+        self.epoch, self.step, self.value, self.lr = epoch, step, value, lr
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C once the run's state is saved; carries the partial RunResult."""
+
+    def __init__(self, run_result: RunResult):
+        super().__init__("interrupted")
+        self.run_result = run_result
+
+
+def _progress(total: int, epoch: int, quiet: bool):
+    if quiet or not sys.stderr.isatty() or os.environ.get("CI"):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", leave=False, unit="batch", dynamic_ncols=True)
