@@ -46,6 +46,7 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     decay_bn_and_bias: bool = True  # False: no weight decay on BatchNorm and bias parameters
+    bias_lr_scale: float = 1.0  # LR multiplier for BatchNorm and bias parameters (airbench: 64)
     decay: float = 0.0  # Keras-style decay: lr / (1 + decay * iterations)
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -185,6 +186,7 @@ def validate(cfg: Config) -> None:
         (cfg.data.cutout >= 0, f"data.cutout = {cfg.data.cutout}: must be >= 0"),
         (0 <= cfg.optim.label_smoothing < 1, f"optim.label_smoothing = {cfg.optim.label_smoothing}: must be in [0, 1)"),
         (cfg.optim.weight_decay >= 0, f"optim.weight_decay = {cfg.optim.weight_decay}: must be >= 0"),
+        (cfg.optim.bias_lr_scale > 0, f"optim.bias_lr_scale = {cfg.optim.bias_lr_scale}: must be > 0"),
         (cfg.optim.decay >= 0, f"optim.decay = {cfg.optim.decay}: must be >= 0"),
         (0 <= cfg.train.ema < 1, f"train.ema = {cfg.train.ema}: must be in [0, 1)"),
         (0 <= cfg.train.target <= 1, f"train.target = {cfg.train.target}: an accuracy in [0, 1], e.g. 0.994"),

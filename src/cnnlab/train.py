@@ -84,13 +84,15 @@ def check_compatible(cfg: Config, ds: Dataset) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """Two parameter groups: weights, and BatchNorm/bias parameters (own LR scale, optional decay)."""
+    weights, norm_bias = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if (not o.decay_bn_and_bias and p.ndim <= 1) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+            (norm_bias if p.ndim <= 1 else weights).append(p)
+    groups = [{"params": weights, "weight_decay": o.weight_decay, "lr_scale": 1.0}]
+    if norm_bias:
+        wd = o.weight_decay / o.bias_lr_scale if o.decay_bn_and_bias else 0.0
+        groups.append({"params": norm_bias, "weight_decay": wd, "lr_scale": o.bias_lr_scale})
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
@@ -128,7 +130,7 @@ def setup(cfg: Config, log=print) -> Setup:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
         if momentum is not None:
             if "betas" in g:
                 g["betas"] = (momentum, g["betas"][1])
@@ -271,7 +273,7 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
                     logits = fwd(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
                 if not torch.isfinite(loss):
-                    raise _Diverged(epoch, step_in_epoch + 1, float(loss), lr)
+                    raise _Diverged(epoch, step_in_epoch + 1, float(loss.detach()), lr)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.optim.grad_clip:
