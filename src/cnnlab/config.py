@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,8 @@ def validate(cfg: Config) -> None:
         (cfg.schedule.step_size >= 1, f"schedule.step_size = {cfg.schedule.step_size}: must be >= 1"),
         (len(cfg.schedule.knots) == len(cfg.schedule.values),
          "schedule.knots and schedule.values must have the same length"),
+        (all(a < b for a, b in zip(cfg.schedule.knots, cfg.schedule.knots[1:])),
+         f"schedule.knots = {cfg.schedule.knots}: must be increasing epochs, e.g. [0, 5, 24]"),
         (cfg.schedule.name != "piecewise" or len(cfg.schedule.knots) >= 2,
          "schedule 'piecewise' needs knots and values with at least two points"),
     ]
@@ -249,7 +252,7 @@ def _toml_value(v) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v)  # a JSON string is a valid TOML basic string (same escapes)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

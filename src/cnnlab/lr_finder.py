@@ -79,7 +79,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-6, end_lr: float = 10.0, steps: in
             set_lr(opt, lr, None)
             with autocast(s.device, s.dtype):
                 loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.optim.label_smoothing)
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value):
                 break
             opt.zero_grad(set_to_none=True)

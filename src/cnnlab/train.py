@@ -11,6 +11,7 @@ was never interrupted.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import time
@@ -293,6 +294,8 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
             state["train_seconds"] += epoch_seconds
             logits_v, labels_v = predict(ema if ema is not None else fwd, s.eval_loader, cfg.train.tta, s.dtype)
             val_loss, val_acc = loss_and_accuracy(logits_v, labels_v)
+            if not (math.isfinite(val_loss) and all_finite(model)):
+                raise _Diverged(epoch, steps_per_epoch, val_loss, lr, "evaluation loss")
             row = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
                    "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": epoch_seconds,
                    "train_seconds": state["train_seconds"]}
@@ -303,11 +306,11 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
             hit = cfg.train.target and val_acc >= cfg.train.target and state["time_to_target_s"] is None
             if hit:
                 state["time_to_target_s"], state["target_epoch"] = state["train_seconds"], epoch
-            if out is not None:
-                runs.write_metrics(out, history)
             save(epoch, "last.pt")
             if improved:
                 save(epoch, "best.pt")
+            if out is not None:  # after the checkpoints: a metrics row always has its last.pt
+                runs.write_metrics(out, history)
             say(table_row(row) + ("  <- target" if hit else ""))
             if hit and cfg.train.stop_at_target:
                 say(f"reached target {cfg.train.target:.2%} at epoch {epoch} after {state['train_seconds']:.1f} s of training")
@@ -324,16 +327,22 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
     except _Diverged as d:
         finish("diverged")
         kept = f"; the last good checkpoint is {out / 'last.pt'} (epoch {len(history)})" if out and history else ""
-        raise CnnlabError(f"loss became {d.value} at epoch {d.epoch}, step {d.step} (lr {d.lr:.3g}): the learning rate "
+        raise CnnlabError(f"{d.what} became {d.value} at epoch {d.epoch}, step {d.step} (lr {d.lr:.3g}): the learning rate "
                           f"is probably too high, lower optim.lr{kept}") from None
     status = "target" if state["time_to_target_s"] is not None else "done"
     return finish(status)
 
 
 class _Diverged(Exception):
-    def __init__(self, epoch: int, step: int, value: float, lr: float):
-        super().__init__(f"loss {value} at epoch {epoch} step {step}")
-        self.epoch, self.step, self.value, self.lr = epoch, step, value, lr
+    def __init__(self, epoch: int, step: int, value: float, lr: float, what: str = "loss"):
+        super().__init__(f"{what} {value} at epoch {epoch} step {step}")
+        self.epoch, self.step, self.value, self.lr, self.what = epoch, step, value, lr, what
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter and buffer (BatchNorm statistics included) is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in (*model.parameters(), *model.buffers())
+               if t.is_floating_point())
 
 
 class Interrupted(Exception):

@@ -1,0 +1,586 @@
+"""The training loop, run directories, resume, stops and bad input (issue 4).
+
+Everything trains ``mnist_tiny`` on real MNIST (the cached copy under ``$CNNLAB_DATA``). Apart from
+the one accuracy test, runs use a few hundred training images and hold out the last 250 training
+images as the evaluation split, so an epoch takes about a second even on a busy 2-core machine.
+Training uses one CPU thread: deterministic, and much faster than two when the cores are shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab import config, runs
+from cnnlab import train as train_mod
+from cnnlab.augment import Loader
+from cnnlab.cli import main
+from cnnlab.config import load_recipe
+from cnnlab.data import load_dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.evaluate import loss_and_accuracy, predict
+from cnnlab.summary import summarize
+from cnnlab.train import Interrupted, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+TINY_RECIPE = ROOT / "recipes" / "mnist_tiny.toml"
+SEED002_RECIPE = ROOT / "recipes" / "mnist_seed002.toml"
+FAST = ["train.quiet=true", "train.dtype=float32", "train.threads=1"]
+# 512 training images (4 steps of 128), the last 250 training images as the evaluation split
+VAL = 250
+TINY = FAST + ["data.subset=512", f"data.val_split={VAL}", f"data.eval_batch_size={VAL}", "data.batch_size=128",
+               "train.epochs=2", "train.target=0"]
+# for tests whose accuracies are faked: 2 steps of 64 images per epoch
+MINI = ["data.subset=128", "data.batch_size=64"]
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "train_seconds"}
+RESULT_KEYS = {"model", "dataset", "params", "epochs_run", "final_val_acc", "best_val_acc", "train_seconds", "target",
+               "time_to_target_s", "seed", "device", "dtype", "torch_version", "git_commit", "status"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``train.threads`` sets torch's process-wide thread count; give other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mnist_ok():
+    """The real MNIST cache must be there (CNNLAB_DATA); fail loudly rather than skip."""
+    ds = load_dataset("mnist", acquire=False, log=lambda *a: None)
+    assert len(ds.train) == 60000 and len(ds.test) == 10000
+    return ds
+
+
+def tiny(*extra: str, recipe: Path = TINY_RECIPE) -> config.Config:
+    return load_recipe(recipe, TINY + list(extra))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def evaluate_checkpoint(ckpt: dict, split, tta: bool = False, use_ema: bool = True) -> tuple[float, float]:
+    model = runs.model_from_checkpoint(ckpt, use_ema=use_ema)
+    d = ckpt["dataset"]
+    loader = Loader(split.images, split.labels, VAL, d["mean"], d["std"])
+    return loss_and_accuracy(*predict(model, loader, tta))
+
+
+def val_split_of(n: int = VAL):
+    return load_dataset("mnist", val_split=n, acquire=False, log=lambda *a: None).test
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- a real run and its directory
+
+
+def test_short_mnist_run_exceeds_97_percent_and_writes_a_complete_run_dir(tmp_path, mnist_ok):
+    # 6000 images, 2 epochs of OneCycle (batch 64): ~97.7 % on the 10,000 test images in ~20 s of training
+    cfg = load_recipe(TINY_RECIPE, FAST + ["data.subset=6000", "data.batch_size=64", "train.epochs=2"])
+    out = tmp_path / "run"
+    res = train(cfg, out)
+    r = res.result
+    assert r["final_val_acc"] > 0.97, res.history
+    assert r["status"] == "done" and r["eval_split"] == "test"
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best.pt", "config.toml", "last.pt", "metrics.jsonl", "result.json", "summary.txt"])
+
+    # config.toml: the resolved recipe, read back to an equal config
+    assert load_recipe(out / "config.toml") == cfg
+
+    # metrics.jsonl: one row per epoch, train_seconds cumulative and increasing
+    rows = runs.read_metrics(out)
+    assert rows == res.history and len(rows) == 2
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert set(row) == METRIC_KEYS
+        assert 0 < row["lr"] and 0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1
+        assert row["epoch_seconds"] > 0
+    assert rows[0]["train_seconds"] == pytest.approx(rows[0]["epoch_seconds"])
+    assert rows[1]["train_seconds"] == pytest.approx(rows[0]["epoch_seconds"] + rows[1]["epoch_seconds"])
+    assert rows[1]["train_seconds"] > rows[0]["train_seconds"]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+
+    # result.json
+    result = json.loads((out / "result.json").read_text())
+    assert RESULT_KEYS <= set(result)
+    assert result == json.loads(json.dumps(r))
+    assert (result["model"], result["dataset"], result["epochs_run"], result["seed"]) == ("mnist_tiny", "mnist", 2, 0)
+    assert result["params"] == summarize("mnist_tiny", dropout=0.05).total_params
+    assert result["final_val_acc"] == rows[-1]["val_acc"]
+    assert result["best_val_acc"] == max(row["val_acc"] for row in rows)
+    assert result["train_seconds"] == pytest.approx(rows[-1]["train_seconds"])
+    assert result["target"] == 0.994 and result["time_to_target_s"] is None  # the recipe's target, not reached
+    assert (result["device"], result["dtype"], result["torch_version"]) == ("cpu", "float32", torch.__version__)
+    assert re.fullmatch(r"[0-9a-f]{40}", result["git_commit"] or ""), result["git_commit"]
+
+    # last.pt rebuilds the model, which scores exactly what was recorded on the test set
+    last = runs.load_checkpoint(out, "last")
+    assert last["epoch"] == 2 and last["model_name"] == "mnist_tiny" and last["model_options"] == {"dropout": 0.05}
+    assert config.from_dict(last["config"]) == cfg
+    val_loss, val_acc = evaluate_checkpoint(last, mnist_ok.test)
+    assert val_acc == pytest.approx(rows[-1]["val_acc"], abs=1e-6)
+    assert val_loss == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+    # best.pt: the epoch with the best accuracy (the same weights when that is the last epoch)
+    best = runs.load_checkpoint(out, "best")
+    best_epoch = max(rows, key=lambda row: row["val_acc"])["epoch"]
+    assert best["epoch"] == best_epoch
+    if best_epoch == last["epoch"]:
+        assert same_state(best["state_dict"], last["state_dict"])
+    else:
+        assert evaluate_checkpoint(best, mnist_ok.test)[1] == pytest.approx(rows[best_epoch - 1]["val_acc"], abs=1e-6)
+
+    summary = (out / "summary.txt").read_text()
+    assert f"{result['params']:,}" in summary and "Conv2d" in summary
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def check_checkpoints_score_what_was_recorded(out: Path, history: list[dict]) -> None:
+    """last.pt and best.pt rebuild models that score exactly what metrics.jsonl says for their epochs."""
+    split = val_split_of()
+    for which in ("last", "best"):
+        ckpt = runs.load_checkpoint(out, which)
+        row = history[ckpt["epoch"] - 1]
+        loss, acc = evaluate_checkpoint(ckpt, split)
+        assert acc == pytest.approx(row["val_acc"], abs=1e-6) and loss == pytest.approx(row["val_loss"], rel=1e-5)
+    accs = [row["val_acc"] for row in history]
+    assert runs.load_checkpoint(out, "best")["epoch"] == accs.index(max(accs)) + 1  # first epoch with the best
+    assert runs.load_checkpoint(out, "last")["epoch"] == len(history)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, mnist_ok):
+    cfg = tiny("train.epochs=3")  # crop augmentation and dropout: both RNGs matter
+    full = train(cfg, tmp_path / "full")
+    check_checkpoints_score_what_was_recorded(tmp_path / "full", full.history)
+
+    original = train_mod._progress
+
+    def interrupt_at_epoch_3(total, epoch, quiet):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original(total, epoch, quiet)
+
+    monkeypatch.setattr(train_mod, "_progress", interrupt_at_epoch_3)
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted) as e:
+        train(cfg, out)
+    assert e.value.run_result.result["status"] == "interrupted"
+    assert json.loads((out / "result.json").read_text())["status"] == "interrupted"
+    assert runs.load_checkpoint(out, "last")["epoch"] == 2 and len(runs.read_metrics(out)) == 2
+    monkeypatch.setattr(train_mod, "_progress", original)
+
+    resumed = train(None, out, resume=True)
+    assert resumed.result["status"] == "done" and resumed.result["epochs_run"] == 3
+    timing = {"epoch_seconds", "train_seconds"}
+    strip = [{k: v for k, v in row.items() if k not in timing} for row in full.history]
+    assert [{k: v for k, v in row.items() if k not in timing} for row in resumed.history] == strip
+    assert runs.read_metrics(out) == resumed.history
+    a, b = runs.load_checkpoint(tmp_path / "full"), runs.load_checkpoint(out)
+    assert same_state(a["state_dict"], b["state_dict"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(same_state(sa[k], sb[k]) for k in sa)
+    # cumulative training time continues from the interrupted run
+    assert resumed.history[2]["train_seconds"] == pytest.approx(
+        resumed.history[1]["train_seconds"] + resumed.history[2]["epoch_seconds"])
+
+
+def test_resume_of_a_finished_run_changes_nothing_in_history(tmp_path, mnist_ok):
+    out = tmp_path / "run"
+    first = train(tiny("train.epochs=1"), out)
+    again = train(None, out, resume=True)
+    assert again.history == first.history and again.result["epochs_run"] == 1
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_nan_stop_keeps_the_last_good_checkpoint(tmp_path, mnist_ok):
+    # epoch 1 at lr 0.01, then the LR ramps to 1e10 in epoch 2: the loss becomes NaN there
+    cfg = tiny("train.epochs=4", "optim.lr=0.01", "schedule.name=piecewise", "schedule.knots=[0, 1, 1.25]",
+               "schedule.values=[1, 1, 1e12]")
+    out = tmp_path / "run"
+    with pytest.raises(CnnlabError) as e:
+        train(cfg, out)
+    msg = str(e.value)
+    history = runs.read_metrics(out)
+    assert len(history) >= 1
+    m = re.search(r"at epoch (\d+), step (\d+)", msg)
+    assert m, msg
+    assert int(m.group(1)) == len(history) + 1 and int(m.group(2)) >= 1
+    assert "learning rate" in msg and "optim.lr" in msg and "\n" not in msg
+    assert str(out / "last.pt") in msg and f"(epoch {len(history)})" in msg
+    last = runs.load_checkpoint(out, "last")
+    assert last["epoch"] == len(history)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "diverged" and result["epochs_run"] == len(history)
+
+
+def test_nan_in_the_first_epoch(tmp_path, mnist_ok):
+    out = tmp_path / "run"
+    with pytest.raises(CnnlabError, match=r"at epoch 1, step \d+ \(lr 1e\+06\).*learning rate"):
+        train(tiny("optim.lr=1e6", "schedule.name=constant"), out)
+    assert not (out / "last.pt").exists()
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "diverged" and result["epochs_run"] == 0
+
+
+def test_nan_stop_through_the_cli_is_one_line(tmp_path, capsys, mnist_ok):
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:  # a warning would be a second stderr line
+        warnings.simplefilter("always")
+        rc, _, err = run_cli(capsys, "train", TINY_RECIPE, *sum((["--set", s] for s in TINY), []),
+                             "--set", "optim.lr=1e6", "--set", "schedule.name=constant", "--out", out)
+    assert_one_line_error(rc, err, "epoch 1", "step", "learning rate")
+    assert [str(w.message) for w in caught] == []
+
+
+# ----------------------------------------------------------------------------- Ctrl-C (a real SIGINT)
+
+
+def test_sigint_saves_state_and_resume_completes(tmp_path, capsys, mnist_ok):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    sets = TINY + ["train.epochs=3"]
+    cmd = [sys.executable, "-m", "cnnlab.cli", "train", str(TINY_RECIPE), "--out", str(out), "--quiet"]
+    cmd += sum((["--set", s] for s in sets), [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (runs.read_metrics(out) and (out / "last.pt").is_file() and (out / "best.pt").is_file()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no epoch finished in 120 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr, stderr
+    assert "interrupted in epoch" in stdout and "last.pt holds epoch 1" in stdout, stdout
+    assert f"--resume {out}" in stdout, stdout
+    last = runs.load_checkpoint(out, "last")
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "interrupted"
+    assert last["epoch"] == result["epochs_run"] == len(runs.read_metrics(out)) == 1
+
+    rc, stdout, err = run_cli(capsys, "train", "--resume", out)
+    assert rc == 0, err
+    assert "final val acc" in stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "done" and result["epochs_run"] == 3
+    assert [row["epoch"] for row in runs.read_metrics(out)] == [1, 2, 3]
+    assert runs.load_checkpoint(out, "last")["epoch"] == 3
+
+
+# ----------------------------------------------------------------------------- bad input, through the CLI
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory, mnist_ok) -> Path:
+    """A finished 1-epoch run directory (copy it before use)."""
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("existing") / "run"
+    train(load_recipe(TINY_RECIPE, TINY + ["train.epochs=1"] + MINI), out)
+    torch.set_num_threads(threads)
+    return out
+
+
+def _args(*sets: str) -> list[str]:
+    return sum((["--set", s] for s in TINY + list(sets)), [])
+
+
+def bad_train_cases(tmp_path: Path, writers) -> dict[str, tuple[list, list[str]]]:
+    """name -> (argv after ``train``, needles); the run directory is appended as --out ... --overwrite."""
+    imgs = writers.write_image_folder(tmp_path / "small-gray", mode="L", size=8, per_class=2, layout="split")
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("[optim\nlr = 0.1\n")
+    return {
+        "unknown key": ([TINY_RECIPE, *_args("optim.lrr=0.1")], ["unknown key optim.lrr", "did you mean 'lr'"]),
+        "unknown table": ([TINY_RECIPE, *_args("trian.epochs=2")], ["unknown table [trian]"]),
+        "wrong type lr": ([TINY_RECIPE, *_args("lr=fast")], ["optim.lr = 'fast': expected a number"]),
+        "wrong type epochs": ([TINY_RECIPE, *_args("epochs=1.5")], ["train.epochs = 1.5: expected an integer"]),
+        "bool for int": ([TINY_RECIPE, *_args("data.subset=true")], ["expected an integer"]),
+        "lr <= 0": ([TINY_RECIPE, *_args("lr=0")], ["optim.lr = 0.0: must be > 0"]),
+        "lr < 0": ([TINY_RECIPE, *_args("lr=-1")], ["must be > 0"]),
+        "epochs < 1": ([TINY_RECIPE, *_args("epochs=0")], ["train.epochs = 0: must be >= 1"]),
+        "ambiguous key": ([TINY_RECIPE, *_args("name=adam")], ["--set name", "model, optim, schedule"]),
+        "batch > dataset": ([TINY_RECIPE, *_args("data.subset=100", "data.batch_size=128")],
+                            ["data.batch_size = 128", "100 training images", "batch size <= 100"]),
+        "channels": ([TINY_RECIPE, *_args("model.name=cifar_sep92k")],
+                     ["cifar_sep92k takes 3-channel images", "1 channel"]),
+        "input size": ([TINY_RECIPE, *_args(f"data.dataset={imgs.root}", f"data.root={tmp_path / 'cache'}",
+                                            "data.batch_size=2", "data.val_split=0", "data.subset=0")],
+                       ["does not fit the model"]),
+        "unknown model": ([TINY_RECIPE, *_args("model.name=mnist_tiniest")], ["unknown model 'mnist_tiniest'"]),
+        "recipe missing": ([tmp_path / "nope.toml"], ["nope.toml", "no such file"]),
+        "not toml": ([bad_toml], ["bad.toml", "not valid TOML"]),
+    }
+
+
+def test_bad_train_input_is_one_line_and_keeps_the_run_dir(tmp_path, capsys, writers, existing_run):
+    for name, (argv, needles) in bad_train_cases(tmp_path, writers).items():
+        run = tmp_path / f"run-{name.replace(' ', '-').replace('<', 'lt').replace('>', 'gt')}"
+        shutil.copytree(existing_run, run)
+        before = snapshot(run)
+        rc, _, err = run_cli(capsys, "train", *argv, "--out", run, "--overwrite")
+        assert_one_line_error(rc, err, *needles)
+        assert snapshot(run) == before, name
+
+
+def test_existing_run_dir_needs_overwrite(tmp_path, capsys, existing_run):
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run)
+    before = snapshot(run)
+    rc, _, err = run_cli(capsys, "train", TINY_RECIPE, *_args(), "--out", run)
+    assert_one_line_error(rc, err, str(run), "already holds files", "--overwrite", "--resume")
+    assert snapshot(run) == before
+
+
+def test_resume_without_a_checkpoint(tmp_path, capsys, existing_run):
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run)
+    (run / "last.pt").unlink()
+    (run / "best.pt").unlink()
+    before = snapshot(run)
+    rc, _, err = run_cli(capsys, "train", "--resume", run)
+    assert_one_line_error(rc, err, "no checkpoint last.pt")
+    assert snapshot(run) == before
+
+
+def test_resume_of_an_empty_or_missing_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "empty")
+    assert_one_line_error(rc, err, "no checkpoint last.pt")
+    assert list((tmp_path / "empty").iterdir()) == []
+    rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "nowhere")
+    assert_one_line_error(rc, err, "no such run directory")
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage" * 10])
+def test_resume_with_a_corrupt_last_pt(tmp_path, capsys, existing_run, content):
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run)
+    (run / "last.pt").write_bytes(content)
+    before = snapshot(run)
+    rc, _, err = run_cli(capsys, "train", "--resume", run)
+    assert_one_line_error(rc, err, "last.pt", "damaged checkpoint")
+    assert snapshot(run) == before
+
+
+def test_resume_with_a_checkpoint_that_is_not_cnnlab(tmp_path, capsys, existing_run):
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run)
+    torch.save({"weights": torch.zeros(3)}, run / "last.pt")
+    before = snapshot(run)
+    rc, _, err = run_cli(capsys, "train", "--resume", run)
+    assert_one_line_error(rc, err, "not a cnnlab checkpoint")
+    assert snapshot(run) == before
+
+
+def test_resume_with_a_recipe_is_refused(tmp_path, capsys, existing_run):
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run)
+    before = snapshot(run)
+    rc, _, err = run_cli(capsys, "train", TINY_RECIPE, "--resume", run)
+    assert_one_line_error(rc, err, "--resume")
+    assert snapshot(run) == before
+
+
+# ----------------------------------------------------------------------------- stops: target and patience
+
+
+def fake_accuracies(monkeypatch, accs: list[float]) -> None:
+    """Make the evaluation report ``accs`` epoch after epoch (the training itself is real)."""
+    it = iter(accs)
+    monkeypatch.setattr(train_mod, "loss_and_accuracy", lambda logits, labels: (1.0, next(it)))
+
+
+def test_target_stops_at_the_first_epoch_reaching_it(tmp_path, monkeypatch, mnist_ok):
+    fake_accuracies(monkeypatch, [0.3, 0.6, 0.4, 0.8, 0.9])
+    res = train(tiny("train.epochs=5", "train.target=0.5", "train.stop_at_target=true", *MINI), tmp_path / "run")
+    r = res.result
+    assert [row["val_acc"] for row in res.history] == [0.3, 0.6]
+    assert (r["status"], r["epochs_run"], r["target_epoch"], r["target"]) == ("target", 2, 2, 0.5)
+    assert r["time_to_target_s"] == res.history[1]["train_seconds"]
+    assert r["time_to_target_s"] == json.loads((tmp_path / "run" / "result.json").read_text())["time_to_target_s"]
+
+
+def test_target_without_stopping_keeps_training(tmp_path, monkeypatch, mnist_ok):
+    fake_accuracies(monkeypatch, [0.3, 0.6, 0.4, 0.8])
+    res = train(tiny("train.epochs=4", "train.target=0.5", "train.stop_at_target=false", *MINI),
+                tmp_path / "run")
+    r = res.result
+    assert r["epochs_run"] == 4 and r["status"] == "target"
+    assert r["target_epoch"] == 2 and r["time_to_target_s"] == res.history[1]["train_seconds"]
+    assert r["time_to_target_s"] < res.history[-1]["train_seconds"]
+
+
+def test_target_with_real_accuracy(tmp_path, mnist_ok):
+    target = 0.2
+    res = train(tiny("train.epochs=5", f"train.target={target}", "train.stop_at_target=true"), tmp_path / "run")
+    accs = [row["val_acc"] for row in res.history]
+    assert accs[-1] >= target and all(a < target for a in accs[:-1]), accs
+    r = res.result
+    assert r["status"] == "target" and r["target_epoch"] == len(accs)
+    assert r["time_to_target_s"] == res.history[-1]["train_seconds"]
+
+
+def test_target_not_reached(tmp_path, monkeypatch, mnist_ok):
+    fake_accuracies(monkeypatch, [0.3, 0.4])
+    r = train(tiny("train.target=0.99", "train.stop_at_target=true", *MINI), tmp_path / "run").result
+    assert (r["status"], r["epochs_run"], r["time_to_target_s"], r["target_epoch"]) == ("done", 2, None, None)
+
+
+def test_patience_early_stop(tmp_path, monkeypatch, mnist_ok):
+    fake_accuracies(monkeypatch, [0.5, 0.6, 0.6, 0.55, 0.9, 0.95, 0.97, 0.98])
+    out = tmp_path / "run"
+    res = train(tiny("train.epochs=8", "train.patience=2", *MINI), out)
+    assert [row["val_acc"] for row in res.history] == [0.5, 0.6, 0.6, 0.55]
+    assert res.result["epochs_run"] == 4 and res.result["status"] == "done"
+    assert runs.load_checkpoint(out, "best")["epoch"] == 2  # an equal accuracy is no improvement
+    assert runs.load_checkpoint(out, "last")["epoch"] == 4
+
+
+def test_no_patience_runs_every_epoch(tmp_path, monkeypatch, mnist_ok):
+    fake_accuracies(monkeypatch, [0.5, 0.4, 0.3, 0.2])
+    res = train(tiny("train.epochs=4", *MINI), None)
+    assert len(res.history) == 4 and res.run_dir is None
+
+
+# ----------------------------------------------------------------------------- EMA, TTA, loss, optimizers, lr
+
+
+def test_ema_is_checkpointed_and_used_for_evaluation(tmp_path, existing_run):
+    out = tmp_path / "run"
+    res = train(tiny("train.ema=0.99"), out)
+    last = runs.load_checkpoint(out, "last")
+    ema, raw = last["ema_state_dict"], last["state_dict"]
+    assert ema is not None and ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    split = val_split_of()
+    loss, acc = evaluate_checkpoint(last, split, use_ema=True)
+    assert acc == pytest.approx(res.history[-1]["val_acc"], abs=1e-6)
+    assert loss == pytest.approx(res.history[-1]["val_loss"], rel=1e-5)
+    raw_loss, _ = evaluate_checkpoint(last, split, use_ema=False)
+    assert raw_loss != pytest.approx(loss, rel=1e-6)
+    # without EMA nothing is saved for it
+    assert runs.load_checkpoint(existing_run, "last")["ema_state_dict"] is None
+
+
+def test_tta_averages_the_mirror(tmp_path, mnist_ok):
+    out = tmp_path / "run"
+    res = train(tiny("train.tta=true", "train.epochs=1"), out)
+    last = runs.load_checkpoint(out, "last")
+    split = val_split_of()
+    loss, acc = evaluate_checkpoint(last, split, tta=True)
+    assert acc == pytest.approx(res.history[-1]["val_acc"], abs=1e-6)
+    assert loss == pytest.approx(res.history[-1]["val_loss"], rel=1e-5)
+    assert evaluate_checkpoint(last, split, tta=False)[0] != pytest.approx(loss, rel=1e-6)
+
+
+def test_label_smoothing_changes_the_loss(mnist_ok):
+    plain = train(tiny("train.epochs=1", *MINI), None).history[0]
+    smooth = train(tiny("train.epochs=1", *MINI, "optim.label_smoothing=0.2"), None).history[0]
+    assert smooth["train_loss"] != pytest.approx(plain["train_loss"], rel=1e-4)
+    assert all(torch.isfinite(torch.tensor([plain["train_loss"], smooth["train_loss"]])))
+
+
+def test_label_smoothing_is_passed_to_the_loss(monkeypatch, mnist_ok):
+    seen = []
+    real = train_mod.F.cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("label_smoothing"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", spy)
+    train(tiny("train.epochs=1", *MINI, "optim.label_smoothing=0.1"), None)
+    assert seen.count(0.1) == 2  # both training steps (the evaluation loss is plain cross-entropy)
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                       ("sgd", torch.optim.SGD)])
+def test_optimizers_run(tmp_path, name, cls, mnist_ok):
+    cfg = tiny(f"optim.name={name}", "optim.lr=0.003", "optim.weight_decay=0.01", "schedule.name=constant")
+    model = torch.nn.Linear(3, 2)
+    assert type(train_mod.build_optimizer(model, cfg.optim)) is cls
+    out = tmp_path / name
+    res = train(cfg, out)
+    assert len(res.history) == 2
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in res.history)
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    state = runs.load_checkpoint(out)["optimizer"]["state"]
+    expected = {"exp_avg", "exp_avg_sq"} if name != "sgd" else {"momentum_buffer"}
+    assert state and all(expected <= set(s) for s in state.values())
+
+
+def test_set_lr_moves_momentum_and_betas():
+    model = torch.nn.Linear(3, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_mod.set_lr(sgd, 0.05, 0.85)
+    assert sgd.param_groups[0]["lr"] == 0.05 and sgd.param_groups[0]["momentum"] == 0.85
+    adam = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.9, 0.99))
+    train_mod.set_lr(adam, 0.02, 0.8)
+    assert adam.param_groups[0]["lr"] == 0.02 and adam.param_groups[0]["betas"] == (0.8, 0.99)
+    train_mod.set_lr(adam, 0.03, None)
+    assert adam.param_groups[0]["betas"] == (0.8, 0.99)
+
+
+def test_keras_decay_recorded_lr_matches_the_formula(mnist_ok):
+    res = train(tiny("schedule.name=constant", "optim.lr=0.01", "optim.decay=0.001", "train.epochs=3", *MINI), None)
+    spe = 128 // 64
+    for row in res.history:
+        last_step = row["epoch"] * spe - 1  # the row records the LR of the epoch's last step
+        assert row["lr"] == pytest.approx(0.01 / (1 + 0.001 * last_step), rel=1e-12)
+
+
+def test_seed002_inverse_schedule_recorded_lr(mnist_ok):
+    res = train(load_recipe(SEED002_RECIPE, TINY + ["train.epochs=3"] + MINI), None)
+    lrs = [row["lr"] for row in res.history]
+    assert lrs == pytest.approx([0.003 / (1 + 0.319 * e) for e in range(3)], rel=1e-12)
+    assert [round(v, 10) for v in lrs] == [0.003, 0.0022744503, 0.0018315018]  # the seed's Keras log
+
+
+def test_train_without_a_run_dir_writes_nothing(tmp_path, monkeypatch, mnist_ok):
+    monkeypatch.chdir(tmp_path)
+    res = train(tiny("train.epochs=1", *MINI), None)
+    assert res.run_dir is None and len(res.history) == 1 and list(tmp_path.iterdir()) == []
