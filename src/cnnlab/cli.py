@@ -62,6 +62,49 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_lr_find(args) -> None:
+    from cnnlab import config, lr_finder
+
+    cfg = config.load_recipe(args.recipe, args.set)
+    out = Path(args.out or f"runs/{Path(args.recipe).stem}-lr-find")
+    res = lr_finder.lr_find(cfg, start_lr=args.start, end_lr=args.end, steps=args.steps)
+    lr_finder.write(res, out)
+    print(f"suggested lr: {res['suggestion']:.3g} ({len(res['losses'])} steps"
+          f"{', stopped at divergence' if res['stopped_early'] else ''}); wrote {out}/lr_find.png and lr_find.json")
+
+
+def cmd_evaluate(args) -> None:
+    from cnnlab import report
+
+    ev = report.evaluate_and_plot(args.run, checkpoint=args.checkpoint, split=args.split, tta=args.tta,
+                                  n_images=args.n, layer=args.layer)
+    worst = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in ev["most_confused"][:3]) or "none"
+    print(f"{ev['model']} on {ev['dataset']} {ev['split']} ({ev['n']} images, {ev['checkpoint']}.pt"
+          f"{', flip TTA' if ev['tta'] else ''}): accuracy {ev['accuracy']:.2%}, balanced accuracy "
+          f"{ev['balanced_accuracy']:.2%}; most confused: {worst}")
+    print(f"wrote {Path(args.run) / 'eval.json'} and {', '.join(ev['pictures'])}")
+
+
+def cmd_report(args) -> None:
+    from cnnlab import report
+
+    print(report.write_report(args.run, log=print))
+
+
+def cmd_runs(args) -> None:
+    from cnnlab import report
+
+    print(report.runs_table(args.dir, sort_by=args.sort))
+
+
+def cmd_compare(args) -> None:
+    from cnnlab import report
+
+    path, text = report.compare(args.runs, out=args.out)
+    print(text)
+    print(f"wrote {path}")
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -104,6 +147,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("lr-find", help="LR range test: suggest a learning rate for a recipe")
+    f.add_argument("recipe")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--out", help="directory for lr_find.png/json (default runs/<recipe>-lr-find)")
+    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--start", type=float, default=1e-6)
+    f.add_argument("--end", type=float, default=10.0)
+    f.set_defaults(func=cmd_lr_find)
+
+    e = sub.add_parser("evaluate", help="evaluate a run: eval.json, confusion matrix, misclassified, Grad-CAM")
+    e.add_argument("run", help="run directory, e.g. runs/mnist_tiny")
+    e.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    e.add_argument("--split", choices=("test", "val"), default="test",
+                   help="test split, or val: the images held out by the run's val_split")
+    e.add_argument("--tta", action="store_true", help="average predictions over each image and its mirror")
+    e.add_argument("--layer", help="layer for Grad-CAM and feature maps (default: the last spatial block)")
+    e.add_argument("--n", type=int, default=16, help="misclassified images to show (default 16)")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("report", help="write RUN/report.html (evaluates first if needed)")
+    r.add_argument("run")
+    r.set_defaults(func=cmd_report)
+
+    ls = sub.add_parser("runs", help="table of the runs in a directory")
+    ls.add_argument("dir", nargs="?", default="runs", help="folder of runs (default runs/)")
+    ls.add_argument("--sort", default="date", help="name, model, dataset, params, epochs, best_acc, "
+                    "time_to_target or date (default)")
+    ls.set_defaults(func=cmd_runs)
+
+    c = sub.add_parser("compare", help="overlay the curves of several runs")
+    c.add_argument("runs", nargs="+", metavar="RUN")
+    c.add_argument("--out", default="compare.png", help="PNG to write (default compare.png)")
+    c.set_defaults(func=cmd_compare)
     return p
 
 

@@ -1,16 +1,26 @@
-"""Predictions and classification metrics.
+"""Predictions and classification metrics, and the evaluation of a saved run.
 
 ``predict`` runs a model over a loader (optionally with flip test-time augmentation);
 ``metrics`` turns labels and predictions into accuracy, balanced accuracy, per-class
 precision/recall/F1, the confusion matrix and the most-confused class pairs.
+``evaluate_run`` rebuilds a run's model and dataset from its checkpoint, evaluates it and writes
+``eval.json``. No plotting here: ``report.evaluate_and_plot`` draws the pictures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from cnnlab.augment import Loader
+from cnnlab.data import Split, atomic_write_bytes, load_dataset
+from cnnlab.errors import CnnlabError
+from cnnlab.models import create_model
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -77,3 +87,145 @@ def metrics(labels: torch.Tensor, preds: torch.Tensor, classes: list[str], top_p
         "confusion_matrix": cm.long().tolist(),
         "most_confused": [{"true": classes[i], "predicted": classes[j], "count": c} for c, i, j in pairs[:top_pairs]],
     }
+
+
+# ----------------------------------------------------------------------------- evaluating a saved run
+
+
+@dataclass
+class Evaluation:
+    """Everything an evaluation computed: the JSON summary plus what the pictures need."""
+
+    summary: dict  # the content of eval.json
+    model: torch.nn.Module  # in eval mode, on CPU
+    split: Split  # uint8 images and labels that were evaluated
+    logits: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CnnlabError(f"{run_dir}: no such run directory; list runs with `cnnlab runs`")
+    if not (run_dir / "config.toml").is_file():
+        raise CnnlabError(f"{run_dir}: not a cnnlab run (no config.toml); pass a directory made by `cnnlab train`")
+    return run_dir
+
+
+def read_checkpoint(run_dir: Path, which: str = "best") -> dict:
+    """``best.pt`` or ``last.pt`` of a run, checked to carry what a rebuild needs.
+
+    (``runs.load_checkpoint`` does the same for training; ``runs`` sits above this module.)
+    """
+    if which not in ("best", "last"):
+        raise CnnlabError(f"--checkpoint {which!r}: expected 'best' or 'last'")
+    path = Path(run_dir) / f"{which}.pt"
+    if not path.is_file():
+        raise CnnlabError(f"{run_dir}: no checkpoint {path.name}; the run saved none (train it with `cnnlab train`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for damaged files
+        raise CnnlabError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or re-run training") from None
+    missing = [k for k in ("model_name", "state_dict", "num_classes", "model_options", "config", "dataset")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CnnlabError(f"{path}: not a cnnlab checkpoint (no {missing[0]}); expected a file made by `cnnlab train`")
+    return ckpt
+
+
+def build_model(ckpt: dict) -> torch.nn.Module:
+    """The model a checkpoint describes with its weights (EMA if saved), in eval mode on CPU."""
+    model = create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], **ckpt["model_options"])
+    state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CnnlabError(f"checkpoint weights do not fit model {ckpt['model_name']} "
+                          f"({str(e).splitlines()[0].rstrip(':. ')}); the checkpoint is from another model") from None
+    return model.eval()
+
+
+def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[dict, torch.nn.Module]:
+    """The checkpoint dict and the rebuilt model, in eval mode on CPU."""
+    ckpt = read_checkpoint(check_run_dir(run_dir), checkpoint)
+    return ckpt, build_model(ckpt)
+
+
+def load_eval_split(ckpt: dict, split: str = "test") -> tuple[Split, str]:
+    """The images a run is evaluated on: its test split, or ("val") the split held out by val_split."""
+    if split not in ("test", "val"):
+        raise CnnlabError(f"--split {split!r}: expected 'test' or 'val'")
+    cfg_data = ckpt["config"].get("data", {})
+    info = ckpt["dataset"]
+    val_split = int(cfg_data.get("val_split", 0) or 0)
+    if split == "val" and not val_split:
+        raise CnnlabError(f"this run has no validation split (data.val_split = 0, it was evaluated on "
+                          f"{info.get('eval_split', 'test')}); use --split test")
+    name = cfg_data.get("dataset") or info["name"]  # an image folder's path, not just its folder name
+    ds = load_dataset(name, root=cfg_data.get("root") or None,
+                      val_split=val_split if split == "val" else 0, acquire=False, log=lambda *a, **k: None)
+    if ds.test is None:
+        raise CnnlabError(f"{ds.name} has no test split; evaluate with --split val")
+    if list(ds.shape) != list(info["shape"]) or list(ds.classes) != list(info["classes"]):
+        raise CnnlabError(f"dataset {ds.name} now has shape {list(ds.shape)} and {ds.num_classes} classes but the "
+                          f"run was trained on {list(info['shape'])} with {len(info['classes'])}; "
+                          f"evaluate with the dataset the run was trained on")
+    return ds.test, ds.test_name
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def top_losses(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], n: int) -> list[dict]:
+    """The ``n`` images with the highest loss: index, true and predicted class, confidence, loss."""
+    loss = per_sample_loss(logits, labels)
+    probs = logits.softmax(1)
+    order = loss.argsort(descending=True)[:max(0, n)]
+    return [{"index": int(i), "true": classes[int(labels[i])], "predicted": classes[int(probs[i].argmax())],
+             "confidence": float(probs[i].max()), "loss": float(loss[i])} for i in order]
+
+
+def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str = "test", tta: bool = False,
+             n_images: int = 16, out_dir: str | Path | None = None) -> Evaluation:
+    """Evaluate a run's checkpoint on a split, write ``eval.json`` (into ``out_dir`` or the run)."""
+    run_dir = Path(run_dir)
+    ckpt, model = load_run_model(run_dir, checkpoint)
+    images, split_name = load_eval_split(ckpt, split)
+    info = ckpt["dataset"]
+    classes = list(info["classes"])
+    batch = int(ckpt["config"].get("data", {}).get("eval_batch_size", 1000) or 1000)
+    loader = Loader(images.images, images.labels, batch, info["mean"], info["std"])
+    try:
+        logits, labels = predict(model, loader, tta=tta)
+    except RuntimeError as e:
+        raise CnnlabError(f"model {ckpt['model_name']} cannot run on {info['name']} images "
+                          f"({str(e).splitlines()[0]}); the checkpoint does not match its dataset") from None
+    m = metrics(labels, logits.argmax(1), classes)
+    loss = float(per_sample_loss(logits, labels).mean())
+    summary = {
+        "run": str(run_dir), "checkpoint": checkpoint, "epoch": ckpt.get("epoch"), "split": split_name,
+        "dataset": info["name"], "model": ckpt["model_name"], "tta": bool(tta), "loss": loss, **m,
+        "top_losses": top_losses(logits, labels, classes, n_images),
+    }
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write_bytes(Path(out_dir or run_dir) / "eval.json", text.encode())
+    return Evaluation(summary, model, images, logits, classes, tuple(info["mean"]), tuple(info["std"]))
+
+
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test", tta: bool = False,
+                 n_images: int = 16, out_dir: str | Path | None = None) -> dict:
+    """Evaluate a run and write ``eval.json``; return its content (see ``evaluate`` for the pictures' inputs)."""
+    return evaluate(run_dir, checkpoint, split, tta, n_images, out_dir).summary
+
+
+def read_eval(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None

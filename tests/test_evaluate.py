@@ -1,0 +1,179 @@
+"""Evaluation (issue 5): metrics against hand-computed values, ``cnnlab evaluate`` on a real tiny run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab import config, evaluate, train
+from cnnlab.cli import main
+from cnnlab.evaluate import confusion_matrix, metrics, top_losses
+
+PICTURES = ("curves.png", "confusion.png", "misclassified.png", "gradcam.png", "activations.png")
+TINY_OVERRIDES = ["data.subset=2000", "data.val_split=1000", "train.epochs=1", "train.quiet=true",
+                  'train.dtype="float32"', 'optim.name="adam"', "optim.lr=0.003", 'schedule.name="constant"',
+                  "data.crop_pad=0", "data.batch_size=32", "train.threads=1"]
+
+
+def tiny_run(tmp_path_factory) -> Path:
+    """One real-MNIST run per test session: 2000 training images, 1 epoch, 1000 held out ("val")."""
+    run = tmp_path_factory.getbasetemp() / "tiny-mnist-run"
+    if not (run / "result.json").is_file():
+        threads = torch.get_num_threads()
+        try:
+            train.train(config.load_recipe("recipes/mnist_tiny.toml", TINY_OVERRIDES), run)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return tiny_run(tmp_path_factory)
+
+
+def cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *needles):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# ----------------------------------------------------------------------------- metrics by hand
+
+
+def test_confusion_matrix_is_true_by_predicted():
+    cm = confusion_matrix(torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 1, 1, 0, 2]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+
+
+def test_metrics_two_classes_by_hand():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    preds = torch.tensor([0, 0, 0, 1, 1, 1])
+    m = metrics(labels, preds, ["cat", "dog"])
+    assert m["n"] == 6
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 1) / 2)
+    cat, dog = m["per_class"]["cat"], m["per_class"]["dog"]
+    assert (cat["precision"], cat["recall"], cat["support"]) == (pytest.approx(1.0), pytest.approx(0.75), 4)
+    assert cat["f1"] == pytest.approx(2 * 1.0 * 0.75 / 1.75)
+    assert dog["precision"] == pytest.approx(2 / 3) and dog["recall"] == pytest.approx(1.0)
+    assert dog["f1"] == pytest.approx(0.8)
+    assert cat["accuracy"] == pytest.approx(0.75)  # per-class accuracy = recall of that class
+    assert m["confusion_matrix"] == [[3, 1], [0, 2]]
+    assert m["most_confused"] == [{"true": "cat", "predicted": "dog", "count": 1}]
+
+
+def test_imbalanced_balanced_accuracy_differs_from_accuracy():
+    # 8 images of class a, 1 of b, 1 of c; the model always says a.
+    labels = torch.tensor([0] * 8 + [1, 2])
+    preds = torch.zeros(10, dtype=torch.long)
+    m = metrics(labels, preds, ["a", "b", "c", "d"])  # d has no images: left out of the balanced mean
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["balanced_accuracy"] == pytest.approx(1 / 3)
+    a, b = m["per_class"]["a"], m["per_class"]["b"]
+    assert a["precision"] == pytest.approx(0.8) and a["recall"] == pytest.approx(1.0)
+    assert a["f1"] == pytest.approx(2 * 0.8 / 1.8)
+    assert b["precision"] == 0.0 and b["recall"] == 0.0 and b["f1"] == 0.0  # never predicted: 0, not NaN
+    assert m["per_class"]["d"]["support"] == 0
+    assert [(p["true"], p["predicted"], p["count"]) for p in m["most_confused"]] == [("c", "a", 1), ("b", "a", 1)]
+
+
+def test_top_losses_are_sorted_by_loss():
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [1.0, 0.0], [0.0, 0.5]])
+    labels = torch.tensor([0, 0, 1, 1])
+    top = top_losses(logits, labels, ["x", "y"], 3)
+    assert [t["index"] for t in top] == [1, 2, 3]
+    assert top[0]["true"] == "x" and top[0]["predicted"] == "y"
+    assert top[0]["confidence"] == pytest.approx(torch.tensor([0.0, 4.0]).softmax(0)[1].item())
+    assert top[0]["loss"] > top[1]["loss"] > top[2]["loss"]
+
+
+# ----------------------------------------------------------------------------- a real run
+
+
+def assert_png(path: Path, min_bytes: int = 8000):
+    assert path.is_file(), path
+    assert path.stat().st_size > min_bytes, (path, path.stat().st_size)
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 300 and im.height > 150, (path, im.size)
+        extrema = im.convert("L").getextrema()
+        assert extrema[1] - extrema[0] > 100, (path, extrema)  # not a blank picture
+
+
+def test_evaluate_run_matches_training_and_writes_eval_json(run_dir, tmp_path):
+    result = json.loads((run_dir / "result.json").read_text())
+    ev = evaluate.evaluate_run(run_dir, split="val", n_images=5, out_dir=tmp_path)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(ev))
+    # The run's own evaluation split, best checkpoint: the same number training reported.
+    assert ev["split"] == "val" and ev["n"] == 1000 and ev["checkpoint"] == "best" and ev["tta"] is False
+    assert ev["accuracy"] == pytest.approx(result["best_val_acc"], abs=1e-6)
+    assert 0.5 < ev["accuracy"] <= 1
+    assert sum(map(sum, ev["confusion_matrix"])) == 1000
+    assert set(ev["per_class"]) == {str(i) for i in range(10)}
+    assert len(ev["top_losses"]) == 5 and ev["top_losses"][0]["loss"] >= ev["top_losses"][-1]["loss"]
+    assert all(p["true"] != p["predicted"] for p in ev["most_confused"])
+
+
+def test_cli_evaluate_writes_eval_json_and_pictures(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    rc, out, err = cli(capsys, "evaluate", run, "--split", "val", "--n", "6", "--tta")
+    assert rc == 0, err
+    assert "balanced accuracy" in out and "wrote" in out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["tta"] is True and ev["gradcam_layer"] == "features.7"
+    assert len(ev["misclassified_shown"]) == 6
+    assert ev["pictures"] == list(PICTURES)
+    for name in PICTURES:
+        assert_png(run / name)
+
+
+def _broken_copy(run_dir: Path, tmp_path: Path, name: str) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def test_cli_evaluate_bad_inputs(run_dir, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(*cli(capsys, "evaluate", empty)[::2], "not a cnnlab run")
+    assert_one_line_error(*cli(capsys, "evaluate", tmp_path / "nope")[::2], "no such run directory")
+
+    no_ckpt = _broken_copy(run_dir, tmp_path, "no-ckpt")
+    (no_ckpt / "best.pt").unlink()
+    assert_one_line_error(*cli(capsys, "evaluate", no_ckpt)[::2], "no checkpoint best.pt")
+
+    other = _broken_copy(run_dir, tmp_path, "other-model")
+    ckpt = torch.load(other / "best.pt", weights_only=False)
+    ckpt["model_name"] = "mnist_8k"
+    torch.save(ckpt, other / "best.pt")
+    assert_one_line_error(*cli(capsys, "evaluate", other)[::2], "do not fit model mnist_8k", "another model")
+
+    no_val = _broken_copy(run_dir, tmp_path, "no-val")
+    ckpt = torch.load(no_val / "best.pt", weights_only=False)
+    ckpt["config"]["data"]["val_split"] = 0
+    torch.save(ckpt, no_val / "best.pt")
+    assert_one_line_error(*cli(capsys, "evaluate", no_val, "--split", "val")[::2], "--split test")
+
+    assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--split", "val", "--layer", "head.9")[::2],
+                          "head.9", "features.7")
+
+    monkeypatch.setenv("CNNLAB_DATA", str(tmp_path / "no-data-here"))
+    assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--split", "val")[::2], "cnnlab data get mnist")
