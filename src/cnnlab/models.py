@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
+from cnnlab.layers import Dropout, GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def mnist_8k(num_classes: int = 10, dropout: float = 0.05, pool: str = "avg", wi
 def _sep_bn(c_in: int, c_out: int, padding: int, dropout: float) -> nn.Sequential:
     """Keras SeparableConv2D (bias on the pointwise) -> BN(eps 1e-3, Keras default) -> ReLU -> Dropout."""
     layers = [SeparableConv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Dropout(dropout)) if dropout > 0 else nn.Sequential(*layers)
+    return nn.Sequential(*layers, Dropout(dropout)) if dropout > 0 else nn.Sequential(*layers)
 
 
 @register("cifar_sep92k", (3, 32, 32), "seed 002 (Week 3)", "the Keras SeparableConv2D net, 92,901 params (Keras count)",
@@ -161,7 +161,7 @@ def cifar_sep92k(num_classes: int = 10, dropout: float = 0.1, dropout_lin: float
         _sep_bn(128, 128, 0, dropout),  # 4
     )
     dense = [nn.Linear(128, 256), nn.BatchNorm1d(256, eps=1e-3, momentum=0.01), nn.ReLU()]
-    head = nn.Sequential(GlobalPool("avg"), *dense, *([nn.Dropout(dropout_lin)] if dropout_lin > 0 else []),
+    head = nn.Sequential(GlobalPool("avg"), *dense, *([Dropout(dropout_lin)] if dropout_lin > 0 else []),
                          nn.Linear(256, num_classes))
     return Net(features, head)
 
