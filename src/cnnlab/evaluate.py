@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from cnnlab.augment import Loader
 from cnnlab.data import Split, atomic_write_bytes, load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.models import create_model
+from cnnlab import runs
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -114,43 +114,10 @@ def check_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def read_checkpoint(run_dir: Path, which: str = "best") -> dict:
-    """``best.pt`` or ``last.pt`` of a run, checked to carry what a rebuild needs.
-
-    (``runs.load_checkpoint`` does the same for training; ``runs`` sits above this module.)
-    """
-    if which not in ("best", "last"):
-        raise CnnlabError(f"--checkpoint {which!r}: expected 'best' or 'last'")
-    path = Path(run_dir) / f"{which}.pt"
-    if not path.is_file():
-        raise CnnlabError(f"{run_dir}: no checkpoint {path.name}; the run saved none (train it with `cnnlab train`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for damaged files
-        raise CnnlabError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or re-run training") from None
-    missing = [k for k in ("model_name", "state_dict", "num_classes", "model_options", "config", "dataset")
-               if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CnnlabError(f"{path}: not a cnnlab checkpoint (no {missing[0]}); expected a file made by `cnnlab train`")
-    return ckpt
-
-
-def build_model(ckpt: dict) -> torch.nn.Module:
-    """The model a checkpoint describes with its weights (EMA if saved), in eval mode on CPU."""
-    model = create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], **ckpt["model_options"])
-    state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CnnlabError(f"checkpoint weights do not fit model {ckpt['model_name']} "
-                          f"({str(e).splitlines()[0].rstrip(':. ')}); the checkpoint is from another model") from None
-    return model.eval()
-
-
 def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[dict, torch.nn.Module]:
     """The checkpoint dict and the rebuilt model, in eval mode on CPU."""
-    ckpt = read_checkpoint(check_run_dir(run_dir), checkpoint)
-    return ckpt, build_model(ckpt)
+    ckpt = runs.load_checkpoint(check_run_dir(run_dir), checkpoint)
+    return ckpt, runs.model_from_checkpoint(ckpt).eval()
 
 
 def load_eval_split(ckpt: dict, split: str = "test") -> tuple[Split, str]:

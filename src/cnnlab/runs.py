@@ -64,7 +64,7 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
     """Read ``last.pt`` or ``best.pt`` of a run (or a checkpoint file path)."""
     run = Path(run)
     if which not in ("last", "best"):
-        raise CnnlabError(f"checkpoint {which!r}: expected 'best' or 'last'")
+        raise CnnlabError(f"--checkpoint {which!r}: expected 'best' or 'last'")
     path = run if run.is_file() else run / f"{which}.pt"
     if not run.exists():
         raise CnnlabError(f"{run}: no such run directory; list runs with `cnnlab runs`")
@@ -74,8 +74,10 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for damaged files
         raise CnnlabError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or re-run training") from None
-    if not isinstance(ckpt, dict) or "model_name" not in ckpt or "state_dict" not in ckpt:
-        raise CnnlabError(f"{path}: not a cnnlab checkpoint (no model name/state); expected a file made by `cnnlab train`")
+    missing = [k for k in ("model_name", "state_dict", "num_classes", "model_options", "config", "dataset")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CnnlabError(f"{path}: not a cnnlab checkpoint (no {missing[0]}); expected a file made by `cnnlab train`")
     return ckpt
 
 
@@ -86,8 +88,8 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> torch.nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CnnlabError(f"checkpoint weights do not fit model {ckpt['model_name']}: "
-                          f"{str(e).splitlines()[0]}; the checkpoint is from another model") from None
+        raise CnnlabError(f"checkpoint weights do not fit model {ckpt['model_name']} "
+                          f"({str(e).splitlines()[0].rstrip(':. ')}); the checkpoint is from another model") from None
     return model
 
 
