@@ -132,6 +132,11 @@ class Loader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    @property
+    def images_per_epoch(self) -> int:
+        """Images one epoch trains on (a partial last batch is dropped with ``drop_last``)."""
+        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+
     def epoch(self, gen: torch.Generator | None = None):
         n = len(self.labels)
         if self.shuffle:

@@ -105,6 +105,34 @@ def cmd_compare(args) -> None:
     print(f"wrote {path}")
 
 
+def cmd_bench(args) -> None:
+    from cnnlab import bench, config, runs
+
+    out = Path(args.out)
+    if args.throughput is not None:
+        rows = bench.throughput(args.throughput or None, batch_size=args.batch_size)
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_json(out / "throughput.json", {"rows": rows, "environment": bench.environment()})
+        runs.write_text(out / "throughput.md", bench.throughput_markdown(rows) + "\n")
+        print(f"wrote {out}/throughput.json and throughput.md")
+        return
+    if not args.recipe:
+        raise CnnlabError("pass a recipe to benchmark, e.g. cnnlab bench recipes/mnist_tiny.toml, or --throughput")
+    cfg = config.load_recipe(args.recipe, args.set)
+    if args.target is not None:
+        cfg.train.target = args.target
+        config.validate(cfg)
+    if not cfg.train.target:
+        raise CnnlabError("no target accuracy: set train.target in the recipe or pass --target, e.g. --target 0.994")
+    res = bench.bench_recipe(cfg, list(range(args.seeds)), out / "runs")
+    res["recipe"] = str(args.recipe)
+    runs.write_json(out / "bench.json", res)
+    md = bench.markdown(res)
+    runs.write_text(out / "bench.md", f"`cnnlab bench {args.recipe} --seeds {args.seeds}`\n\n{md}\n")
+    print(md)
+    print(f"wrote {out}/bench.json and bench.md")
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -156,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--start", type=float, default=1e-6)
     f.add_argument("--end", type=float, default=10.0)
     f.set_defaults(func=cmd_lr_find)
+
+    b = sub.add_parser("bench", help="time-to-accuracy over seeds, or training throughput of zoo models")
+    b.add_argument("recipe", nargs="?")
+    b.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    b.add_argument("--target", type=float, help="target accuracy, e.g. 0.994 (default: the recipe's)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--out", default="runs/bench", help="directory for bench.json/bench.md and the runs")
+    b.add_argument("--throughput", nargs="*", metavar="MODEL", help="images/s of these zoo models (all if none)")
+    b.add_argument("--batch-size", type=int, help="batch size for --throughput")
+    b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("evaluate", help="evaluate a run: eval.json, confusion matrix, misclassified, Grad-CAM")
     e.add_argument("run", help="run directory, e.g. runs/mnist_tiny")

@@ -229,7 +229,7 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
         last = history[-1] if history else {}
         return {
             "status": status, "model": cfg.model.name, "dataset": s.ds.name, "eval_split": s.ds.test_name,
-            "params": s.params, "epochs_run": len(history), "epochs": cfg.train.epochs,
+            "params": s.params, "train_images": len(s.ds.train), "images_per_epoch": s.train_loader.images_per_epoch, "epochs_run": len(history), "epochs": cfg.train.epochs,
             "final_val_acc": last.get("val_acc"), "best_val_acc": max((r["val_acc"] for r in history), default=None),
             "final_val_loss": last.get("val_loss"), "train_seconds": state["train_seconds"],
             "target": cfg.train.target or None, "time_to_target_s": state["time_to_target_s"],

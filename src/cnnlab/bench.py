@@ -1,0 +1,157 @@
+"""Time-to-accuracy benchmarks in the spirit of DAWNBench, and raw training throughput.
+
+``bench_recipe`` trains a recipe once per seed and reports the training time to the target
+accuracy (evaluation excluded, data already cached, as airbench counts it), final accuracy,
+training images/s, seconds per epoch and peak memory. ``throughput`` times forward+backward
+steps of zoo models under each precision / memory-format setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab import runs
+from cnnlab.config import Config
+from cnnlab.evaluate import autocast
+from cnnlab.models import create_model, get_spec, list_models
+from cnnlab.train import train
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "median": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=print) -> dict:
+    """Train ``cfg`` once per seed (quietly) and summarise time-to-target and accuracy."""
+    per_seed = []
+    for seed in seeds:
+        c = copy.deepcopy(cfg)
+        c.train.seed = seed
+        c.train.quiet = True
+        run_dir = out / f"seed{seed}" if out is not None else None
+        res = train(c, run_dir, overwrite=True).result
+        n_train = res["images_per_epoch"]
+        row = {
+            "seed": seed,
+            "final_acc": res["final_val_acc"],
+            "best_acc": res["best_val_acc"],
+            "epochs_run": res["epochs_run"],
+            "train_seconds": res["train_seconds"],
+            "time_to_target_s": res["time_to_target_s"],
+            "target_epoch": res["target_epoch"],
+            "seconds_per_epoch": res["train_seconds"] / max(1, res["epochs_run"]),
+            "train_images_per_s": n_train * res["epochs_run"] / max(res["train_seconds"], 1e-9),
+            "reached": res["time_to_target_s"] is not None,
+        }
+        per_seed.append(row)
+        log(f"seed {seed}: final {row['final_acc']:.2%}, time to target "
+            f"{'%.1f s' % row['time_to_target_s'] if row['reached'] else 'not reached'}, "
+            f"{row['seconds_per_epoch']:.1f} s/epoch, {row['train_images_per_s']:.0f} img/s")
+    reached = [r["time_to_target_s"] for r in per_seed if r["reached"]]
+    return {
+        "recipe": cfg.model.name, "model": cfg.model.name, "dataset": cfg.data.dataset,
+        "target": cfg.train.target or None, "seeds": seeds, "runs": per_seed,
+        "reached": f"{len(reached)}/{len(per_seed)}",
+        "time_to_target_s": _stats(reached),
+        "final_acc": _stats([r["final_acc"] for r in per_seed]),
+        "seconds_per_epoch": _stats([r["seconds_per_epoch"] for r in per_seed]),
+        "train_images_per_s": _stats([r["train_images_per_s"] for r in per_seed]),
+        "peak_rss_mb": peak_rss_mb(),
+        "environment": environment(cfg),
+    }
+
+
+def environment(cfg: Config | None = None) -> dict:
+    env = {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()
+           or platform.machine(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "git_commit": runs.git_commit()}
+    if cfg is not None:
+        env.update(device=cfg.train.device, dtype=cfg.train.dtype, channels_last=cfg.train.channels_last,
+                   compile=cfg.train.compile, batch_size=cfg.data.batch_size)
+    return env
+
+
+def markdown(result: dict) -> str:
+    def fmt(v, pct=False, unit=""):
+        if v is None:
+            return "-"
+        return f"{100 * v:.2f}%" if pct else f"{v:.1f}{unit}"
+
+    lines = [f"| seed | final acc | time to {fmt(result['target'], True)} (s) | epochs | s/epoch | train img/s |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['seed']} | {fmt(r['final_acc'], True)} | {fmt(r['time_to_target_s'])} | {r['epochs_run']} | "
+                     f"{fmt(r['seconds_per_epoch'])} | {r['train_images_per_s']:.0f} |")
+    t, a = result["time_to_target_s"], result["final_acc"]
+    lines.append(f"| **median** | {fmt(a['median'], True)} | {fmt(t['median'])} | | "
+                 f"{fmt(result['seconds_per_epoch']['median'])} | {result['train_images_per_s']['median']:.0f} |")
+    env = result["environment"]
+    lines.append("")
+    lines.append(f"reached target: {result['reached']}; peak RSS {result['peak_rss_mb']:.0f} MiB; device {env.get('device')}, "
+                 f"dtype {env.get('dtype')}, channels_last {env.get('channels_last')}, threads {env['threads']}, "
+                 f"torch {env['torch_version']}, commit {(env['git_commit'] or '?')[:10]}")
+    return "\n".join(lines)
+
+
+def throughput(models: list[str] | None = None, batch_size: int | None = None, steps: int = 6,
+               settings=(("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)),
+               device: str = "cpu", log=print) -> list[dict]:
+    """Forward+backward+SGD images/s of zoo models per (dtype, channels_last) setting (median of steps)."""
+    rows = []
+    for name in models or list_models():
+        spec = get_spec(name)
+        bs = batch_size or (128 if spec.input_shape[0] == 1 else 256)
+        for dtype_name, cl in settings:
+            torch.manual_seed(0)
+            model = create_model(name).to(device)
+            x = torch.randn(bs, *spec.input_shape, device=device)
+            if hasattr(model, "init_from_data"):
+                model.init_from_data(x)
+            y = torch.randint(0, spec.num_classes, (bs,), device=device)
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+            times = []
+            for i in range(steps + 1):
+                t0 = time.perf_counter()
+                with autocast(torch.device(device), dtype):
+                    loss = F.cross_entropy(model(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if i:  # the first step warms up
+                    times.append(time.perf_counter() - t0)
+            sec = statistics.median(times)
+            row = {"model": name, "batch_size": bs, "dtype": dtype_name, "channels_last": cl,
+                   "ms_per_step": 1000 * sec, "images_per_s": bs / sec}
+            rows.append(row)
+            log(f"{name:14s} bs {bs:4d} {dtype_name:9s} {'channels_last' if cl else 'NCHW':13s} "
+                f"{row['ms_per_step']:9.1f} ms/step {row['images_per_s']:9.0f} img/s")
+    return rows
+
+
+def throughput_markdown(rows: list[dict]) -> str:
+    lines = ["| model | batch | dtype | layout | ms/step | img/s |", "|---|---:|---|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {'channels_last' if r['channels_last'] else 'NCHW'} "
+                     f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The bench command's accounting: what is timed, what is not, and the JSON it writes.
+
+No test asserts a wall-clock time; they check that the numbers are consistent with each other.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab import bench, cli, train
+from cnnlab.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "mnist_tiny.toml"
+TINY = ["train.quiet=true", "train.dtype=float32", "train.threads=1", "data.subset=512", "data.val_split=250",
+        "data.eval_batch_size=250", "data.batch_size=128", "train.epochs=2"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_excludes_evaluation_time(tmp_path, monkeypatch):
+    """Evaluation is made slow on purpose: it must not show up in train_seconds or time-to-target."""
+    real_predict = train.predict
+
+    def slow_predict(*a, **k):
+        import time
+        time.sleep(0.5)
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(train, "predict", slow_predict)
+    cfg = load_recipe(RECIPE, TINY + ["train.target=0.05"])  # reached at epoch 1
+    res = bench.bench_recipe(cfg, [0, 1], tmp_path, log=lambda *a: None)
+    assert [r["seed"] for r in res["runs"]] == [0, 1]
+    for r in res["runs"]:
+        metrics = [json.loads(line) for line in (tmp_path / f"seed{r['seed']}" / "metrics.jsonl").read_text().splitlines()]
+        epoch_sum = sum(m["epoch_seconds"] for m in metrics)
+        assert r["train_seconds"] == pytest.approx(epoch_sum, rel=1e-9)
+        assert r["reached"] and r["target_epoch"] == 1
+        # the time to target is the cumulative training time at the first epoch that reached it
+        assert r["time_to_target_s"] == pytest.approx(metrics[0]["train_seconds"], rel=1e-9)
+        # each evaluation slept 0.5 s; none of that is counted
+        assert r["time_to_target_s"] < metrics[0]["epoch_seconds"] + 1e-6
+        assert r["seconds_per_epoch"] == pytest.approx(r["train_seconds"] / r["epochs_run"])
+        # subset=512 training images, 4 full batches of 128 per epoch
+        assert r["train_images_per_s"] == pytest.approx(512 * r["epochs_run"] / r["train_seconds"])
+    assert res["reached"] == "2/2"
+    times = [r["time_to_target_s"] for r in res["runs"]]
+    assert res["time_to_target_s"]["min"] == min(times) and res["time_to_target_s"]["max"] == max(times)
+    assert res["final_acc"]["mean"] == pytest.approx(sum(r["final_acc"] for r in res["runs"]) / 2)
+    assert res["peak_rss_mb"] > 50
+    assert res["environment"]["torch_version"] == torch.__version__
+
+
+def test_bench_target_not_reached_is_null(tmp_path):
+    cfg = load_recipe(RECIPE, TINY + ["train.target=0.9999"])
+    res = bench.bench_recipe(cfg, [0], tmp_path, log=lambda *a: None)
+    run = res["runs"][0]
+    assert run["reached"] is False and run["time_to_target_s"] is None
+    assert res["reached"] == "0/1" and res["time_to_target_s"]["median"] is None
+    assert run["epochs_run"] == 2
+    assert "| 0 |" in bench.markdown(res)
+
+
+def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "b"
+    code = cli.main(["bench", str(RECIPE), "--seeds", "1", "--target", "0.05", "--out", str(out),
+                     *[a for s in TINY for a in ("--set", s)]])
+    assert code == 0
+    data = json.loads((out / "bench.json").read_text())
+    for key in ("recipe", "target", "runs", "reached", "time_to_target_s", "final_acc", "seconds_per_epoch",
+                "train_images_per_s", "peak_rss_mb", "environment"):
+        assert key in data, key
+    assert data["target"] == 0.05 and data["runs"][0]["reached"]
+    md = (out / "bench.md").read_text()
+    assert "cnnlab bench" in md and "| **median** |" in md
+
+
+def test_bench_cli_bad_input(tmp_path, capsys):
+    assert cli.main(["bench", "--out", str(tmp_path)]) == 2
+    assert "pass a recipe" in capsys.readouterr().err
+    assert cli.main(["bench", str(RECIPE), "--target", "1.5", "--out", str(tmp_path)]) == 2
+    assert "train.target" in capsys.readouterr().err
+
+
+def test_throughput_rows():
+    rows = bench.throughput(["mnist_8k"], batch_size=8, steps=2, settings=(("float32", False), ("bfloat16", True)),
+                            log=lambda *a: None)
+    assert [(r["dtype"], r["channels_last"]) for r in rows] == [("float32", False), ("bfloat16", True)]
+    for r in rows:
+        assert r["images_per_s"] == pytest.approx(8 / (r["ms_per_step"] / 1000))
+    assert "| mnist_8k | 8 | bfloat16 | channels_last |" in bench.throughput_markdown(rows)
