@@ -89,3 +89,17 @@ def test_models_table_lists_every_model():
     for name, spec in MODELS.items():
         assert name in table and spec.source in table
     assert "6,577,600" in table and "92,901" in table
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_macs_match_torch_flop_counter(name):
+    """Cross-check with an independent counter: torch's own FlopCounterMode counts 2 FLOPs per MAC
+    of every convolution and matrix multiply in one forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = summarize(name)
+    model = create_model(name).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, *s.input_shape))
+    assert counter.get_total_flops() == 2 * s.macs
+    assert s.macs > 0
