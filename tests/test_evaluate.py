@@ -130,6 +130,17 @@ def test_evaluate_run_matches_training_and_writes_eval_json(run_dir, tmp_path):
     assert all(p["true"] != p["predicted"] for p in ev["most_confused"])
 
 
+def test_default_split_is_the_runs_own(run_dir, tmp_path):
+    """A run trained with val_split (e.g. on the CIFAR copy without a test batch) is evaluated on
+    that held-out split by default; a run without one on the test split."""
+    ev = evaluate.evaluate_run(run_dir, n_images=2, out_dir=tmp_path)
+    assert ev["split"] == "val" and ev["n"] == 1000
+    ckpt = torch.load(run_dir / "best.pt", weights_only=False)
+    ckpt["config"]["data"]["val_split"] = 0
+    split, name = evaluate.load_eval_split(ckpt)
+    assert name == "test" and len(split) == 10000
+
+
 def test_cli_evaluate_writes_eval_json_and_pictures(run_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run: eval.json, confusion matrix, misclassified, Grad-CAM")
     e.add_argument("run", help="run directory, e.g. runs/mnist_tiny")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    e.add_argument("--split", choices=("test", "val"), default="test",
-                   help="test split, or val: the images held out by the run's val_split")
+    e.add_argument("--split", choices=("test", "val"), default=None,
+                   help="test, or val (the images held out by val_split); default: the split the run was evaluated on")
     e.add_argument("--tta", action="store_true", help="average predictions over each image and its mirror")
     e.add_argument("--layer", help="layer for Grad-CAM and feature maps (default: the last spatial block)")
     e.add_argument("--n", type=int, default=16, help="misclassified images to show (default 16)")

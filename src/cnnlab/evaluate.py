@@ -120,8 +120,13 @@ def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[dict, torch
     return ckpt, runs.model_from_checkpoint(ckpt).eval()
 
 
-def load_eval_split(ckpt: dict, split: str = "test") -> tuple[Split, str]:
-    """The images a run is evaluated on: its test split, or ("val") the split held out by val_split."""
+def load_eval_split(ckpt: dict, split: str | None = None) -> tuple[Split, str]:
+    """The images a run is evaluated on: its test split, or ("val") the split held out by val_split.
+
+    ``split=None`` means the split the run itself was evaluated on while training.
+    """
+    if split is None:
+        split = "val" if int(ckpt["config"].get("data", {}).get("val_split", 0) or 0) else "test"
     if split not in ("test", "val"):
         raise CnnlabError(f"--split {split!r}: expected 'test' or 'val'")
     cfg_data = ckpt["config"].get("data", {})
@@ -155,7 +160,7 @@ def top_losses(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], n
              "confidence": float(probs[i].max()), "loss": float(loss[i])} for i in order]
 
 
-def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str = "test", tta: bool = False,
+def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = None, tta: bool = False,
              n_images: int = 16, out_dir: str | Path | None = None) -> Evaluation:
     """Evaluate a run's checkpoint on a split, write ``eval.json`` (into ``out_dir`` or the run)."""
     run_dir = Path(run_dir)
@@ -182,7 +187,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str = "test",
     return Evaluation(summary, model, images, logits, classes, tuple(info["mean"]), tuple(info["std"]))
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str = "test", tta: bool = False,
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str | None = None, tta: bool = False,
                  n_images: int = 16, out_dir: str | Path | None = None) -> dict:
     """Evaluate a run and write ``eval.json``; return its content (see ``evaluate`` for the pictures' inputs)."""
     return evaluate(run_dir, checkpoint, split, tta, n_images, out_dir).summary
