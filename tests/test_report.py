@@ -54,7 +54,8 @@ def test_report_evaluates_first_and_is_self_contained(reported):
     run, path = reported
     assert path.is_file()
     ev = json.loads((run / "eval.json").read_text())
-    assert ev["split"] == "test" and ev["n"] == 10000  # the default evaluation: the MNIST test split
+    # the default evaluation: the split the run was evaluated on while training (its 1,000-image val split)
+    assert ev["split"] == "val" and ev["n"] == 1000
     for name in PICTURES:
         assert_png(run / name)
     text = path.read_text()

@@ -584,3 +584,77 @@ def test_train_without_a_run_dir_writes_nothing(tmp_path, monkeypatch, mnist_ok)
     monkeypatch.chdir(tmp_path)
     res = train(tiny("train.epochs=1", *MINI), None)
     assert res.run_dir is None and len(res.history) == 1 and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- run directory edge cases
+
+
+def test_resume_given_the_checkpoint_file_continues_the_run(tmp_path, monkeypatch, mnist_ok):
+    out = tmp_path / "run"
+    real = train_mod._progress
+
+    def interrupt_in_epoch_2(total, epoch, quiet):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(total, epoch, quiet)
+
+    monkeypatch.setattr(train_mod, "_progress", interrupt_in_epoch_2)
+    with pytest.raises(train_mod.Interrupted):
+        train(tiny(), out)
+    monkeypatch.setattr(train_mod, "_progress", real)
+    res = train(None, out / "last.pt", resume=True)
+    assert res.run_dir == out and res.result["epochs_run"] == 2
+    assert not (out / "last.pt").is_dir() and (out / "config.toml").is_file()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys, mnist_ok):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    rc, _, err = run_cli(capsys, "train", TINY_RECIPE, *_args(), "--out", f)
+    assert_one_line_error(rc, err, "a file, not a directory")
+    assert f.read_text() == "keep me"
+
+
+def test_overwrite_leaves_nothing_of_the_old_run_but_keeps_lr_find(tmp_path, existing_run):
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run)
+    (run / "eval.json").write_text("{}")
+    (run / "report.html").write_text("old")
+    (run / "lr_find.json").write_text('{"suggestion": 0.1}')
+    old_result = (run / "result.json").read_text()
+    train(tiny("train.epochs=1", "train.seed=5"), run, overwrite=True)
+    assert not (run / "eval.json").exists() and not (run / "report.html").exists()
+    assert (run / "lr_find.json").read_text() == '{"suggestion": 0.1}'
+    assert (run / "result.json").read_text() != old_result
+    assert json.loads((run / "result.json").read_text())["seed"] == 5
+
+
+def test_lr_find_result_does_not_block_training_in_the_same_dir(tmp_path, mnist_ok):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lr_find.json").write_text("{}")
+    (run / "lr_find.png").write_bytes(b"png")
+    res = train(tiny("train.epochs=1"), run)
+    assert res.result["epochs_run"] == 1 and (run / "lr_find.png").read_bytes() == b"png"
+
+
+def test_resume_of_a_run_stopped_at_its_target_trains_no_more(tmp_path, monkeypatch, mnist_ok):
+    out = tmp_path / "run"
+    fake_accuracies(monkeypatch, [0.5, 0.99, 0.995])
+    first = train(tiny("train.epochs=3", "train.target=0.9", "train.stop_at_target=true"), out)
+    assert first.result["epochs_run"] == 2
+    metrics_before = (out / "metrics.jsonl").read_bytes()
+    again = train(None, out, resume=True)
+    assert again.result["epochs_run"] == 2 and (out / "metrics.jsonl").read_bytes() == metrics_before
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("optim.momentum=-1", "optim.momentum"), ("optim.eps=0", "optim.eps"), ("optim.betas=[0.9]", "optim.betas"),
+    ("optim.grad_clip=-1", "optim.grad_clip"), ('schedule.knots=["a", 2]', "lists of numbers"),
+    ("schedule.div_factor=0", "div_factor"), ("data.cutout_p=2", "data.cutout_p"),
+    ('train.device="mps"', "train.device"), ("data.crop_pad=40", "data.crop_pad = 40"),
+])
+def test_more_bad_values_are_one_line(tmp_path, capsys, setting, needle, mnist_ok):
+    rc, _, err = run_cli(capsys, "train", TINY_RECIPE, *_args(setting, "data.crop_mode=reflect"),
+                         "--out", tmp_path / "run")
+    assert_one_line_error(rc, err, needle)

@@ -22,7 +22,7 @@ from cnnlab import runs
 from cnnlab.config import Config
 from cnnlab.evaluate import autocast
 from cnnlab.models import create_model, get_spec, list_models
-from cnnlab.train import train
+from cnnlab.train import DTYPES, resolve_device, train
 
 
 def peak_rss_mb() -> float:
@@ -96,10 +96,10 @@ def markdown(result: dict) -> str:
              "|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         lines.append(f"| {r['seed']} | {fmt(r['final_acc'], True)} | {fmt(r['time_to_target_s'])} | {r['epochs_run']} | "
-                     f"{fmt(r['seconds_per_epoch'])} | {r['train_images_per_s']:.0f} |")
+                     f"{fmt(r['seconds_per_epoch'])} | {fmt(r['train_images_per_s'])} |")
     t, a = result["time_to_target_s"], result["final_acc"]
     lines.append(f"| **median** | {fmt(a['median'], True)} | {fmt(t['median'])} | | "
-                 f"{fmt(result['seconds_per_epoch']['median'])} | {result['train_images_per_s']['median']:.0f} |")
+                 f"{fmt(result['seconds_per_epoch']['median'])} | {fmt(result['train_images_per_s']['median'])} |")
     env = result["environment"]
     lines.append("")
     lines.append(f"reached target: {result['reached']}; peak RSS {result['peak_rss_mb']:.0f} MiB; device {env.get('device')}, "
@@ -110,8 +110,9 @@ def markdown(result: dict) -> str:
 
 def throughput(models: list[str] | None = None, batch_size: int | None = None, steps: int = 6,
                settings=(("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)),
-               device: str = "cpu", log=print) -> list[dict]:
+               device: str = "auto", log=print) -> list[dict]:
     """Forward+backward+SGD images/s of zoo models per (dtype, channels_last) setting (median of steps)."""
+    device = str(resolve_device(device))
     rows = []
     for name in models or list_models():
         spec = get_spec(name)
@@ -127,7 +128,7 @@ def throughput(models: list[str] | None = None, batch_size: int | None = None, s
                 model = model.to(memory_format=torch.channels_last)
                 x = x.contiguous(memory_format=torch.channels_last)
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+            dtype = DTYPES[dtype_name]
             times = []
             for i in range(steps + 1):
                 t0 = time.perf_counter()

@@ -63,12 +63,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_lr_find(args) -> None:
-    from cnnlab import config, lr_finder
+    from cnnlab import config, lr_finder, plots
 
     cfg = config.load_recipe(args.recipe, args.set)
-    out = Path(args.out or f"runs/{Path(args.recipe).stem}-lr-find")
+    out = Path(args.out or f"runs/{Path(args.recipe).stem}")
     res = lr_finder.lr_find(cfg, start_lr=args.start, end_lr=args.end, steps=args.steps)
     lr_finder.write(res, out)
+    plots.plot_lr_find(res, out / "lr_find.png")
     print(f"suggested lr: {res['suggestion']:.3g} ({len(res['losses'])} steps"
           f"{', stopped at divergence' if res['stopped_early'] else ''}); wrote {out}/lr_find.png and lr_find.json")
 
@@ -110,7 +111,7 @@ def cmd_bench(args) -> None:
 
     out = Path(args.out)
     if args.throughput is not None:
-        rows = bench.throughput(args.throughput or None, batch_size=args.batch_size)
+        rows = bench.throughput(args.throughput or None, batch_size=args.batch_size, device=args.device)
         out.mkdir(parents=True, exist_ok=True)
         runs.write_json(out / "throughput.json", {"rows": rows, "environment": bench.environment()})
         runs.write_text(out / "throughput.md", bench.throughput_markdown(rows) + "\n")
@@ -118,6 +119,8 @@ def cmd_bench(args) -> None:
         return
     if not args.recipe:
         raise CnnlabError("pass a recipe to benchmark, e.g. cnnlab bench recipes/mnist_tiny.toml, or --throughput")
+    if args.seeds < 1:
+        raise CnnlabError(f"--seeds {args.seeds}: need at least 1 seed, e.g. --seeds 3")
     cfg = config.load_recipe(args.recipe, args.set)
     if args.target is not None:
         cfg.train.target = args.target
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("lr-find", help="LR range test: suggest a learning rate for a recipe")
     f.add_argument("recipe")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    f.add_argument("--out", help="directory for lr_find.png/json (default runs/<recipe>-lr-find)")
+    f.add_argument("--out", help="directory for lr_find.png/json (default runs/<recipe>, where train puts the run)")
     f.add_argument("--steps", type=int, default=200)
     f.add_argument("--start", type=float, default=1e-6)
     f.add_argument("--end", type=float, default=10.0)
@@ -193,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="directory for bench.json/bench.md and the runs")
     b.add_argument("--throughput", nargs="*", metavar="MODEL", help="images/s of these zoo models (all if none)")
     b.add_argument("--batch-size", type=int, help="batch size for --throughput")
+    b.add_argument("--device", default="auto", help="device for --throughput: auto, cpu, cuda")
     b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("evaluate", help="evaluate a run: eval.json, confusion matrix, misclassified, Grad-CAM")

@@ -106,7 +106,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
                  "schedule": ScheduleConfig, "train": TrainConfig}
 CHOICES = {
@@ -176,8 +175,24 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise CnnlabError(f"{section}.{key} = {value!r}: expected one of {', '.join(choices)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg.schedule.knots + cfg.schedule.values):
+        raise CnnlabError("schedule.knots and schedule.values must be lists of numbers, e.g. knots = [0, 5, 24]")
     checks = [
         (cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr}: must be > 0 (e.g. 0.01)"),
+        (0 <= cfg.optim.momentum < 1, f"optim.momentum = {cfg.optim.momentum}: must be in [0, 1)"),
+        (cfg.optim.eps > 0, f"optim.eps = {cfg.optim.eps}: must be > 0 (e.g. 1e-8)"),
+        (len(cfg.optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas),
+         f"optim.betas = {cfg.optim.betas}: expected two numbers in [0, 1), e.g. [0.9, 0.999]"),
+        (cfg.optim.grad_clip >= 0, f"optim.grad_clip = {cfg.optim.grad_clip}: must be >= 0 (0 = off)"),
+        (cfg.schedule.div_factor > 0 and cfg.schedule.final_div_factor > 0,
+         "schedule.div_factor and schedule.final_div_factor must be > 0"),
+        (cfg.schedule.rate >= 0, f"schedule.rate = {cfg.schedule.rate}: must be >= 0"),
+        (cfg.schedule.gamma > 0, f"schedule.gamma = {cfg.schedule.gamma}: must be > 0"),
+        (cfg.schedule.warmup_epochs >= 0, f"schedule.warmup_epochs = {cfg.schedule.warmup_epochs}: must be >= 0"),
+        (0 <= cfg.data.cutout_p <= 1, f"data.cutout_p = {cfg.data.cutout_p}: must be in [0, 1]"),
+        (cfg.train.threads >= 0, f"train.threads = {cfg.train.threads}: must be >= 0 (0 = torch's default)"),
+        (cfg.train.patience >= 0, f"train.patience = {cfg.train.patience}: must be >= 0"),
+
         (cfg.train.epochs >= 1, f"train.epochs = {cfg.train.epochs}: must be >= 1"),
         (cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}: must be >= 1"),
         (cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}: must be >= 1"),

@@ -260,6 +260,10 @@ def read_idx_dataset(info: DatasetInfo, folder: Path) -> tuple[dict[str, np.ndar
         data = read_idx_bytes(path)
         verified &= md5_bytes(data) == info.md5[stem]
         arrays[key] = parse_idx(data, path)
+        want = 3 if key.endswith("images") else 1
+        if arrays[key].ndim != want:
+            raise CnnlabError(f"{path}: holds a {arrays[key].ndim}-dimensional array; expected {want} "
+                              f"({'images N x H x W' if want == 3 else 'labels N'}): is it in the wrong slot?")
     for part in ("train", "test"):
         n_img, n_lab = len(arrays[f"{part}_images"]), len(arrays[f"{part}_labels"])
         if n_img != n_lab:
@@ -268,9 +272,23 @@ def read_idx_dataset(info: DatasetInfo, folder: Path) -> tuple[dict[str, np.ndar
     return arrays, verified
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Loads only what a CIFAR batch holds (dicts, lists, bytes, numpy arrays): a pickle that asks
+    for any other class is refused, so a hostile file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}")
+        return super().find_class(module, name)
+
+
 def unpickle(data: bytes, path: str) -> dict:
     try:
-        obj = pickle.loads(data, encoding="bytes")
+        obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # pickle raises many types for damaged input
         raise CnnlabError(f"{path}: not a readable python-pickle batch ({type(e).__name__}); "
                           f"expected a CIFAR release file: fetch it again") from None
@@ -417,7 +435,11 @@ def _to_dataset(name, arrays, classes, source, verified) -> Dataset:
         x = torch.from_numpy(np.array(arrays[f"{part}_images"], dtype=np.uint8))  # owned, writable copy
         if x.ndim == 3:
             x = x[:, None]
-        return Split(x, torch.from_numpy(np.asarray(arrays[f"{part}_labels"], dtype=np.int64)))
+        y = torch.from_numpy(np.asarray(arrays[f"{part}_labels"], dtype=np.int64))
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+            raise CnnlabError(f"{name}: {part} labels range {int(y.min())}..{int(y.max())} but there are "
+                              f"{len(classes)} classes; expected labels 0..{len(classes) - 1}: the files are damaged")
+        return Split(x, y)
 
     return Dataset(name, list(classes), split("train"), split("test"), source, verified)
 
@@ -461,7 +483,8 @@ def load_dataset(name: str, root: str | Path | None = None, val_split: int = 0,
             get_dataset(name, root=root, log=log)
         source = json.loads((folder / "source.json").read_text())
         ds = load_cached(name, raw, folder / "tensors.pt")
-        ds.source, ds.verified = source["source"], source["verified"]
+        # verified only if the acquired files were and the files read now still are
+        ds.source, ds.verified = source["source"], source["verified"] and ds.verified
         if not ds.verified:
             log(f"warning: {name} from {ds.source} is an unverified copy (checksums differ from the release)")
     if val_split:
@@ -472,50 +495,44 @@ def load_dataset(name: str, root: str | Path | None = None, val_split: int = 0,
     return ds
 
 
-def load_cached(name: str, raw: Path, cache: Path) -> Dataset:
-    files = [f for f in raw.iterdir() if f.is_file()] if raw.is_dir() else []
-    fp = fingerprint(files)
+def _cached(name: str, cache: Path, fp: list, build) -> Dataset:
+    """The dataset from ``cache`` when its fingerprint matches ``fp``; else ``build()`` it and save the cache."""
     if cache.is_file():
         try:
             blob = torch.load(cache, weights_only=True)
             if blob.get("fingerprint") == fp:
                 return Dataset(name, blob["classes"], Split(blob["train_x"], blob["train_y"]),
                                Split(blob["test_x"], blob["test_y"]) if "test_x" in blob else None,
+                               blob.get("source", ""), blob.get("verified", False),
                                mean=tuple(blob["mean"]), std=tuple(blob["std"]))
-        except Exception:  # a damaged cache is rebuilt from the raw files below
+        except Exception:  # a damaged cache is rebuilt below
             pass
-    ds = read_raw(name, raw)
+    ds = build()
     blob = {"fingerprint": fp, "classes": ds.classes, "train_x": ds.train.images, "train_y": ds.train.labels,
-            "mean": list(ds.mean), "std": list(ds.std)}
+            "mean": list(ds.mean), "std": list(ds.std), "source": ds.source, "verified": ds.verified}
     if ds.test is not None:
         blob.update(test_x=ds.test.images, test_y=ds.test.labels)
     atomic_torch_save(blob, cache)
     return ds
 
 
+def load_cached(name: str, raw: Path, cache: Path) -> Dataset:
+    """A known dataset from its tensor cache, rebuilt when the raw release files change."""
+    files = [f for f in raw.iterdir() if f.is_file()] if raw.is_dir() else []
+    return _cached(name, cache, fingerprint(files), lambda: read_raw(name, raw))
+
+
 def load_folder_cached(path: Path, root: Path) -> Dataset:
-    files = [f for f in path.rglob("*") if f.is_file()]
+    """An image folder from its tensor cache, rebuilt when any file under it changes."""
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    fp = [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     key = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:12]
-    cache = root / "folders" / f"{path.name}-{key}.pt"
-    fp = fingerprint(files)
-    ds = None
-    if cache.is_file():
-        try:
-            blob = torch.load(cache, weights_only=True)
-            if blob.get("fingerprint") == [[str(f.relative_to(path)), s, m] for f, (_, s, m) in
-                                           zip(sorted(files), fp)]:
-                ds = Dataset(path.name, blob["classes"], Split(blob["train_x"], blob["train_y"]),
-                             Split(blob["test_x"], blob["test_y"]) if "test_x" in blob else None)
-        except Exception:  # rebuilt below
-            ds = None
-    if ds is None:
+
+    def build() -> Dataset:
         arrays, classes = read_image_folder(path)
-        ds = _to_dataset(path.name, arrays, classes, str(path), False)
-        blob = {"fingerprint": [[str(f.relative_to(path)), s, m] for f, (_, s, m) in zip(sorted(files), fp)],
-                "classes": ds.classes, "train_x": ds.train.images, "train_y": ds.train.labels}
-        if ds.test is not None:
-            blob.update(test_x=ds.test.images, test_y=ds.test.labels)
-        atomic_torch_save(blob, cache)
+        return _to_dataset(path.name, arrays, classes, str(path), False)
+
+    ds = _cached(path.name, root / "folders" / f"{path.name}-{key}.pt", fp, build)
     ds.source = str(path)
     return ds
 

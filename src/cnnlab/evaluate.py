@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cnnlab.augment import Loader
-from cnnlab.data import Split, atomic_write_bytes, load_dataset
-from cnnlab.errors import CnnlabError
 from cnnlab import runs
+from cnnlab.augment import Loader
+from cnnlab.data import Split, load_dataset
+from cnnlab.errors import CnnlabError
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -182,8 +182,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
         "dataset": info["name"], "model": ckpt["model_name"], "tta": bool(tta), "loss": loss, **m,
         "top_losses": top_losses(logits, labels, classes, n_images),
     }
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write_bytes(Path(out_dir or run_dir) / "eval.json", text.encode())
+    runs.write_json(Path(out_dir or run_dir) / "eval.json", summary)
     return Evaluation(summary, model, images, logits, classes, tuple(info["mean"]), tuple(info["std"]))
 
 

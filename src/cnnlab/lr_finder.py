@@ -102,32 +102,6 @@ def lr_find(cfg: Config, start_lr: float = 1e-6, end_lr: float = 10.0, steps: in
             "stopped_early": len(losses) < steps, "start_lr": start_lr, "end_lr": end_lr}
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax.plot(result["lrs"], result["losses"], color="0.75", lw=0.8, label="loss per step")
-    ax.plot(result["lrs"], result["smoothed"], color="C0", lw=2, label="smoothed loss")
-    ax.axvline(result["suggestion"], color="C3", ls="--", label=f"suggested lr {result['suggestion']:.2g}")
-    ax.set_xscale("log")
-    lo = min(result["smoothed"])
-    ax.set_ylim(lo * 0.9, min(max(result["losses"]), lo * 4.5))
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"LR range test: {result['model']} on {result['dataset']}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / "lr_find.json", result)
-    plot(result, out / "lr_find.png")

@@ -226,3 +226,21 @@ def plot_activations(maps: dict[str, torch.Tensor], image: torch.Tensor, path: s
                 ax.set_ylabel(f"{name}\n{act.shape[0]}x{act.shape[1]}x{act.shape[2]}", fontsize=7)
     fig.suptitle(title or "feature maps of each block (brighter = stronger activation)")
     return save(fig, path)
+
+
+def plot_lr_find(result: dict, path: str | Path) -> Path:
+    """The LR range test: loss per step and smoothed, log-LR axis, the suggestion marked."""
+    fig = new_figure(7, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(result["lrs"], result["losses"], color="0.75", lw=0.8, label="loss per step")
+    ax.plot(result["lrs"], result["smoothed"], color="C0", lw=2, label="smoothed loss")
+    ax.axvline(result["suggestion"], color="C3", ls="--", label=f"suggested lr {result['suggestion']:.2g}")
+    ax.set_xscale("log")
+    low = min(result["smoothed"])
+    ax.set_ylim(low * 0.9, min(max(result["losses"]), low * 4.5))
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LR range test: {result['model']} on {result['dataset']}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save(fig, path)

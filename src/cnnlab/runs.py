@@ -7,14 +7,13 @@ the model name, options and config needed to rebuild the model) and ``summary.tx
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 from pathlib import Path
 
 import torch
 
-from cnnlab.data import atomic_write_bytes
+from cnnlab.data import atomic_torch_save, atomic_write_bytes
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 
@@ -55,9 +54,7 @@ def is_run(path: Path) -> bool:
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_torch_save(ckpt, path)
 
 
 def load_checkpoint(run: Path, which: str = "last") -> dict:
@@ -71,7 +68,7 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
     if not path.is_file():
         raise CnnlabError(f"{run}: no checkpoint {path.name}; the run saved none (train it with `cnnlab train`)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
     except Exception as e:  # torch raises many types for damaged files
         raise CnnlabError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or re-run training") from None
     missing = [k for k in ("model_name", "state_dict", "num_classes", "model_options", "config", "dataset")

@@ -20,6 +20,7 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import GlobalPool, Residual
+from cnnlab.models import MODELS, create_model, get_spec
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -195,10 +196,11 @@ def receptive_fields(model: nn.Module, in_sizes: dict[nn.Module, int] | None = N
 # ----------------------------------------------------------------------------- public API
 
 
-def summarize(model_or_name, input_shape=None, device: str = "cpu", **options) -> Summary:
-    """Summarize a model instance or a registered model name (``options`` go to ``create_model``)."""
-    from cnnlab.models import MODELS, create_model, get_spec
+def summarize(model_or_name, input_shape=None, **options) -> Summary:
+    """Summarize a model instance or a registered model name (``options`` go to ``create_model``).
 
+    The model stays on its device: the probe image is made there.
+    """
     name = ""
     if isinstance(model_or_name, str):
         name = model_or_name
@@ -207,7 +209,7 @@ def summarize(model_or_name, input_shape=None, device: str = "cpu", **options) -
     else:
         model = model_or_name
         if input_shape is None:
-            spec = next((s for s in MODELS.values() if getattr(model, "_cnnlab_name", None) == s.name), None)
+            spec = MODELS.get(getattr(model, "_cnnlab_name", None))
             if spec is None:
                 raise CnnlabError("summarize(model) needs input_shape=(C, H, W) for a model instance")
             input_shape = spec.input_shape
@@ -215,8 +217,9 @@ def summarize(model_or_name, input_shape=None, device: str = "cpu", **options) -
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise CnnlabError(f"input_shape {input_shape} must be (C, H, W) with positive sizes")
     was_training = model.training
-    model.to(device).eval()
-    x = torch.zeros(1, *input_shape, device=device)
+    model.eval()
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
     try:
         with _recording(model) as (records, state), torch.no_grad():
             try:
@@ -239,8 +242,6 @@ def summarize(model_or_name, input_shape=None, device: str = "cpu", **options) -
 
 def models_table() -> str:
     """One line per registered model: name, input, classes, params, MACs, source."""
-    from cnnlab.models import MODELS
-
     head = ("model", "input", "classes", "params", "trainable", "MACs/image", "source")
     body = []
     for name in sorted(MODELS):

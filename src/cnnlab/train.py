@@ -46,16 +46,14 @@ class RunResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise CnnlabError(f"train.device = {name!r}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CnnlabError(f"train.device = {name!r} but no CUDA GPU is available; use device = \"auto\" or \"cpu\"")
     try:
         return torch.device(name)
     except RuntimeError:
         raise CnnlabError(f"train.device = {name!r}: expected auto, cpu, cuda or cuda:N") from None
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -110,13 +108,16 @@ def setup(cfg: Config, log=print) -> Setup:
     if cfg.data.subset:
         ds.train = Split(ds.train.images[:cfg.data.subset], ds.train.labels[:cfg.data.subset])
     check_compatible(cfg, ds)
-    seed_everything(cfg.train.seed)
+    if cfg.data.crop_mode == "reflect" and cfg.data.crop_pad >= min(ds.shape[1:]):
+        raise CnnlabError(f"data.crop_pad = {cfg.data.crop_pad} with reflect padding must be smaller than the "
+                          f"{ds.shape[1]}x{ds.shape[2]} images; use e.g. crop_pad = 4")
+    torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, num_classes=ds.num_classes, **cfg.model.options)
     summary = summarize(model, input_shape=ds.shape)  # raises a clear error when the shape does not fit
     aug = Augment(cfg.data.crop_pad, cfg.data.crop_mode, cfg.data.flip, cfg.data.cutout, cfg.data.cutout_p)
     common = dict(device=device, channels_last=cfg.train.channels_last)
     train_loader = Loader(ds.train.images, ds.train.labels, cfg.data.batch_size, ds.mean, ds.std,
-                          augment=aug, shuffle=True, drop_last=len(ds.train) >= 2 * cfg.data.batch_size, **common)
+                          augment=aug, shuffle=True, drop_last=len(ds.train) > cfg.data.batch_size, **common)
     eval_loader = Loader(ds.test.images, ds.test.labels, cfg.data.eval_batch_size, ds.mean, ds.std, **common)
     model.to(device)
     if cfg.train.channels_last:
@@ -174,10 +175,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
+# what a run writes; --overwrite removes these (an LR-finder result in the folder is kept)
+RUN_FILES = ("config.toml", "metrics.jsonl", "result.json", "last.pt", "best.pt", "summary.txt", "eval.json",
+             "report.html", "curves.png", "confusion.png", "misclassified.png", "gradcam.png", "activations.png")
+KEEP = ("lr_find.json", "lr_find.png")
+
+
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CnnlabError(f"--out {out}: a file, not a directory; pass a directory such as runs/NAME")
+    others = [p for p in out.iterdir() if p.name not in KEEP] if out.is_dir() else []
+    if others and not overwrite:
         raise CnnlabError(f"{out} already holds files; pass --overwrite to replace that run, "
                           f"--resume to continue it, or --out another directory")
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove an old run's files (after the new run's setup succeeded) so the two never mix."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -193,15 +209,20 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
         if out is None:
             raise CnnlabError("--resume needs the run directory to continue, e.g. --resume runs/mnist_tiny")
         ckpt = runs.load_checkpoint(out, "last")
+        out = out.parent if out.is_file() else out
         cfg = config_mod.from_dict(ckpt["config"])
     elif out is not None:
-        prepare_run_dir(out, overwrite)
+        check_run_dir(out, overwrite)
     quiet = cfg.train.quiet
     say = (lambda *a, **k: None) if quiet else log
     s = setup(cfg, log=say)
+    if out is not None and ckpt is None:
+        clear_run_dir(out)
     model, opt, device = s.model, s.optimizer, s.device
     ema = copy.deepcopy(model).eval() if cfg.train.ema else None
     fwd = torch.compile(model) if cfg.train.compile else model
+    # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (scaler disabled)
+    scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == torch.float16)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     steps_per_epoch = len(s.train_loader)
     history: list[dict] = []
@@ -213,10 +234,15 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
         opt.load_state_dict(ckpt["optimizer"])
         if ema is not None and ckpt.get("ema_state_dict"):
             ema.load_state_dict(ckpt["ema_state_dict"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(gen, ckpt["rng"])
         history = list(ckpt["history"])
         state.update(ckpt["state"])
         start_epoch = ckpt["epoch"] + 1
+        if state.get("stopped"):
+            say(f"{out} already finished ({state['stopped']}); nothing to resume")
+            return RunResult(out, history, runs.read_result(out))
         say(f"resuming {out} at epoch {start_epoch}")
     meta = {"model_name": cfg.model.name, "model_options": dict(cfg.model.options), "num_classes": s.ds.num_classes,
             "config": config_mod.to_dict(cfg), "dataset": {"name": s.ds.name, "classes": s.ds.classes,
@@ -245,6 +271,7 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
         runs.save_checkpoint(out / name, {
             **meta, "epoch": epoch, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
             "ema_state_dict": ema.state_dict() if ema is not None else None, "rng": rng_state(gen),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "history": history, "state": dict(state)})
 
     def finish(status: str) -> RunResult:
@@ -273,13 +300,15 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
                 with autocast(device, s.dtype):
                     logits = fwd(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
-                if not torch.isfinite(loss):
+                if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on CUDA the epoch-end check
                     raise _Diverged(epoch, step_in_epoch + 1, float(loss.detach()), lr)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if cfg.optim.grad_clip:
+                    scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 if ema is not None:
                     ema_update(ema, model, cfg.train.ema)
                 loss_sum += loss.detach() * len(y)
@@ -306,16 +335,19 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
             hit = cfg.train.target and val_acc >= cfg.train.target and state["time_to_target_s"] is None
             if hit:
                 state["time_to_target_s"], state["target_epoch"] = state["train_seconds"], epoch
-            save(epoch, "last.pt")
+            stop = ("target" if hit and cfg.train.stop_at_target else
+                    "plateau" if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience else None)
+            state["stopped"] = stop
             if improved:
                 save(epoch, "best.pt")
+            save(epoch, "last.pt")
             if out is not None:  # after the checkpoints: a metrics row always has its last.pt
                 runs.write_metrics(out, history)
             say(table_row(row) + ("  <- target" if hit else ""))
-            if hit and cfg.train.stop_at_target:
+            if stop == "target":
                 say(f"reached target {cfg.train.target:.2%} at epoch {epoch} after {state['train_seconds']:.1f} s of training")
                 break
-            if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience:
+            if stop == "plateau":
                 say(f"stopping early: no improvement for {cfg.train.patience} epochs")
                 break
     except KeyboardInterrupt:
@@ -345,7 +377,7 @@ def all_finite(model: torch.nn.Module) -> bool:
                if t.is_floating_point())
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """Raised after Ctrl-C once the run's state is saved; carries the partial RunResult."""
 
     def __init__(self, run_result: RunResult):
