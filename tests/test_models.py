@@ -141,3 +141,17 @@ def test_width_changes_size():
     small = sum(p.numel() for p in create_model("mnist_tiny", width=0.5).parameters())
     big = sum(p.numel() for p in create_model("mnist_tiny", width=2).parameters())
     assert small < 13_600 < big
+
+
+def test_airbench_convs_start_as_identity():
+    """airbench's implicit residual: each group conv's first c_in filters pass their input through."""
+    model = create_model("airbench94")
+    convs = [m for m in model.features.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 6
+    for conv in convs:
+        x = torch.randn(2, conv.in_channels, 6, 6)
+        y = nn.functional.conv2d(x, conv.weight, padding=1)
+        k = min(conv.in_channels, conv.out_channels)
+        assert torch.allclose(y[:, :k], x[:, :k], atol=1e-6)
+        if conv.out_channels > k:  # the other filters keep their random init
+            assert conv.weight[k:].abs().sum() > 0

@@ -285,10 +285,18 @@ def _air_bn(c: int) -> nn.BatchNorm2d:
     return bn
 
 
+def _air_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    """3x3 conv whose first ``c_in`` filters start as the identity (airbench's implicit residual)."""
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:min(c_in, c_out)])
+    return conv
+
+
 def _air_group(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), _air_bn(c_out), nn.GELU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), _air_bn(c_out), nn.GELU(),
+        _air_conv(c_in, c_out), nn.MaxPool2d(2), _air_bn(c_out), nn.GELU(),
+        _air_conv(c_out, c_out), _air_bn(c_out), nn.GELU(),
     )
 
 
