@@ -95,6 +95,7 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max
 h1 { border-bottom: 3px solid #2a6fb0; padding-bottom: .2em; }
 h2 { margin-top: 2em; color: #2a6fb0; border-bottom: 1px solid #ccd; }
 pre { background: #f5f6f8; padding: .8em; overflow-x: auto; font-size: 12px; border: 1px solid #e2e4e8; }
+summary { font-weight: bold; margin: 1em 0 .4em; cursor: pointer; }
 table { border-collapse: collapse; margin: .6em 0; font-size: 14px; }
 th, td { border: 1px solid #d6d9de; padding: .25em .6em; text-align: right; }
 th { background: #eef2f7; } td:first-child, th:first-child { text-align: left; }
@@ -147,8 +148,10 @@ def section_trained(run_dir: Path, result: dict) -> str:
     facts = numbers([("model", result.get("model", "?")), ("dataset", result.get("dataset", "?")),
                      ("parameters", f"{result.get('params', 0):,}"), ("epochs run", result.get("epochs_run", "?")),
                      ("device", f"{result.get('device', '?')} / {result.get('dtype', '?')}")])
-    return (f"<h2>1. What was trained</h2>{facts}<h3>Recipe (config.toml)</h3><pre>{_esc(config)}</pre>"
-            f"<h3>Model summary</h3><pre>{_esc(summary)}</pre>")
+    # long listings fold away (<details> needs no script); the key facts stay in view
+    return (f"<h2>1. What was trained</h2>{facts}"
+            f"<details><summary>Recipe (config.toml)</summary><pre>{_esc(config)}</pre></details>"
+            f"<details open><summary>Model summary</summary><pre>{_esc(summary)}</pre></details>")
 
 
 def section_training(run_dir: Path, result: dict, rows: list[dict]) -> str:
