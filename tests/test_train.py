@@ -183,19 +183,25 @@ def check_checkpoints_score_what_was_recorded(out: Path, history: list[dict]) ->
     assert runs.load_checkpoint(out, "last")["epoch"] == len(history)
 
 
+def interrupt_at_epoch(monkeypatch, at: int):
+    """Make training raise KeyboardInterrupt as epoch ``at`` starts (as Ctrl-C would); return the original hook."""
+    original = train_mod._progress
+
+    def interrupting(total, epoch, quiet):
+        if epoch == at:
+            raise KeyboardInterrupt
+        return original(total, epoch, quiet)
+
+    monkeypatch.setattr(train_mod, "_progress", interrupting)
+    return original
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, mnist_ok):
     cfg = tiny("train.epochs=3")  # crop augmentation and dropout: both RNGs matter
     full = train(cfg, tmp_path / "full")
     check_checkpoints_score_what_was_recorded(tmp_path / "full", full.history)
 
-    original = train_mod._progress
-
-    def interrupt_at_epoch_3(total, epoch, quiet):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return original(total, epoch, quiet)
-
-    monkeypatch.setattr(train_mod, "_progress", interrupt_at_epoch_3)
+    original = interrupt_at_epoch(monkeypatch, 3)
     out = tmp_path / "cut"
     with pytest.raises(Interrupted) as e:
         train(cfg, out)
@@ -591,14 +597,7 @@ def test_train_without_a_run_dir_writes_nothing(tmp_path, monkeypatch, mnist_ok)
 
 def test_resume_given_the_checkpoint_file_continues_the_run(tmp_path, monkeypatch, mnist_ok):
     out = tmp_path / "run"
-    real = train_mod._progress
-
-    def interrupt_in_epoch_2(total, epoch, quiet):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(total, epoch, quiet)
-
-    monkeypatch.setattr(train_mod, "_progress", interrupt_in_epoch_2)
+    real = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(train_mod.Interrupted):
         train(tiny(), out)
     monkeypatch.setattr(train_mod, "_progress", real)
