@@ -27,9 +27,14 @@ demo: setup
 	$(CNNLAB) report runs/mnist_tiny
 	@echo "report: runs/mnist_tiny/report.html"
 
+# the real CIFAR-10 training set (JPEG-reconstructed copy) that stands beside the repository
+SHARED_CIFAR ?= ../shared/data/cifar10-jpeg
+
 test: setup system
 	$(CNNLAB) data get mnist
 	$(CNNLAB) data get fashion-mnist
+	@if [ -d "$(SHARED_CIFAR)" ]; then $(CNNLAB) data get cifar10 --from "$(SHARED_CIFAR)"; \
+	else echo "note: $(SHARED_CIFAR) not found; the CIFAR recipe tests need it (cnnlab data get cifar10 --from DIR)"; fi
 	$(PY) -m pytest -q
 
 bench: setup

@@ -262,3 +262,23 @@ def writers() -> SimpleNamespace:
                            cifar_batch=cifar_batch, write_pickle=write_pickle, write_cifar_dir=write_cifar_dir,
                            write_tar_gz=write_tar_gz, write_image_folder=write_image_folder,
                            stray_files=stray_files)
+
+
+@pytest.fixture
+def interrupt_at_epoch(monkeypatch):
+    """``disarm = interrupt_at_epoch(N)``: training raises KeyboardInterrupt as epoch N starts, as
+    Ctrl-C would; ``disarm()`` lets training run normally again."""
+    from cnnlab import train as train_mod
+
+    original = train_mod._progress
+
+    def arm(at: int):
+        def interrupting(total, epoch, quiet):
+            if epoch == at:
+                raise KeyboardInterrupt
+            return original(total, epoch, quiet)
+
+        monkeypatch.setattr(train_mod, "_progress", interrupting)
+        return lambda: monkeypatch.setattr(train_mod, "_progress", original)
+
+    return arm

@@ -183,32 +183,19 @@ def check_checkpoints_score_what_was_recorded(out: Path, history: list[dict]) ->
     assert runs.load_checkpoint(out, "last")["epoch"] == len(history)
 
 
-def interrupt_at_epoch(monkeypatch, at: int):
-    """Make training raise KeyboardInterrupt as epoch ``at`` starts (as Ctrl-C would); return the original hook."""
-    original = train_mod._progress
-
-    def interrupting(total, epoch, quiet):
-        if epoch == at:
-            raise KeyboardInterrupt
-        return original(total, epoch, quiet)
-
-    monkeypatch.setattr(train_mod, "_progress", interrupting)
-    return original
-
-
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch, mnist_ok):
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, interrupt_at_epoch, mnist_ok):
     cfg = tiny("train.epochs=3")  # crop augmentation and dropout: both RNGs matter
     full = train(cfg, tmp_path / "full")
     check_checkpoints_score_what_was_recorded(tmp_path / "full", full.history)
 
-    original = interrupt_at_epoch(monkeypatch, 3)
+    disarm = interrupt_at_epoch(3)
     out = tmp_path / "cut"
     with pytest.raises(Interrupted) as e:
         train(cfg, out)
     assert e.value.run_result.result["status"] == "interrupted"
     assert json.loads((out / "result.json").read_text())["status"] == "interrupted"
     assert runs.load_checkpoint(out, "last")["epoch"] == 2 and len(runs.read_metrics(out)) == 2
-    monkeypatch.setattr(train_mod, "_progress", original)
+    disarm()
 
     resumed = train(None, out, resume=True)
     assert resumed.result["status"] == "done" and resumed.result["epochs_run"] == 3
@@ -595,12 +582,12 @@ def test_train_without_a_run_dir_writes_nothing(tmp_path, monkeypatch, mnist_ok)
 # ----------------------------------------------------------------------------- run directory edge cases
 
 
-def test_resume_given_the_checkpoint_file_continues_the_run(tmp_path, monkeypatch, mnist_ok):
+def test_resume_given_the_checkpoint_file_continues_the_run(tmp_path, interrupt_at_epoch, mnist_ok):
     out = tmp_path / "run"
-    real = interrupt_at_epoch(monkeypatch, 2)
+    disarm = interrupt_at_epoch(2)
     with pytest.raises(train_mod.Interrupted):
         train(tiny(), out)
-    monkeypatch.setattr(train_mod, "_progress", real)
+    disarm()
     res = train(None, out / "last.pt", resume=True)
     assert res.run_dir == out and res.result["epochs_run"] == 2
     assert not (out / "last.pt").is_dir() and (out / "config.toml").is_file()
