@@ -7,7 +7,7 @@ from torch import nn
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import Residual
 from cnnlab.models import MODELS, create_model
-from cnnlab.summary import models_table, summarize
+from cnnlab.summary import models_table, receptive_fields, summarize
 
 
 def conv(c_in=1, c_out=1, **kw):
@@ -103,3 +103,10 @@ def test_macs_match_torch_flop_counter(name):
         model(torch.randn(1, *s.input_shape))
     assert counter.get_total_flops() == 2 * s.macs
     assert s.macs > 0
+
+
+def test_rf_space_to_depth():
+    # PixelUnshuffle(2) is a 2x2 window with stride 2 (RF 2, jump 2); a 3x3 conv after it adds 2*2 -> 6
+    net = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4, 4, 3))
+    rfs = receptive_fields(net)
+    assert rfs[net[0]] == (2, 2) and rfs[net[1]] == (6, 2)

@@ -135,6 +135,27 @@ def mnist_8k(num_classes: int = 10, dropout: float = 0.05, pool: str = "avg", wi
     return _mnist_net(dict(c1=8, c2=16, t=8, c3=16, extra=False), num_classes, dropout, pool, width)
 
 
+@register("mnist_fast", (1, 28, 28), "cnnlab (for speed)", "MNIST <15k built for CPU speed: 2x2 space-to-depth first",
+          budget=(10_000, 14_999))
+def mnist_fast(num_classes: int = 10, dropout: float = 0.0, pool: str = "avg", width: float = 1.0) -> nn.Module:
+    """Space-to-depth (2x2 pixels -> 4 channels, 28 -> 14) so no layer runs at full resolution:
+    the element-wise work (BN, ReLU) that dominates a CPU step shrinks ~2.3x against mnist_tiny.
+    Then 24 -> 32 at 14x14, maxpool, 1x1 -> 16, two 3x3 of 16 at 7x7 and 5x5, GAP, 1x1 to classes
+    (RF 28 before the GAP)."""
+    c1, c2, t, c3 = (_w(c, width) for c in (24, 32, 16, 16))
+    features = nn.Sequential(
+        nn.PixelUnshuffle(2),  # 1x28x28 -> 4x14x14, RF 2, jump 2
+        conv_bn(4, c1, dropout=dropout),  # 14, RF 6
+        conv_bn(c1, c2, dropout=dropout),  # 14, RF 10
+        nn.MaxPool2d(2),  # 7, RF 12
+        conv_bn(c2, t, k=1),
+        conv_bn(t, c3, dropout=dropout),  # 7, RF 20
+        conv_bn(c3, c3, padding=0),  # 5, RF 28
+    )
+    head = nn.Sequential(GlobalPool(pool, flatten=False), nn.Conv2d(c3, num_classes, 1, bias=False), nn.Flatten())
+    return Net(features, head)
+
+
 # --------------------------------------------------------------------------- CIFAR (seed 002, Week 3)
 
 

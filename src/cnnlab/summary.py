@@ -176,6 +176,9 @@ def receptive_fields(model: nn.Module, in_sizes: dict[nn.Module, int] | None = N
         elif isinstance(m, nn.Conv2d):
             k = _k(m.dilation) * (_k(m.kernel_size) - 1) + 1
             rf, jump = rf + (k - 1) * jump, jump * _k(m.stride)
+        elif isinstance(m, nn.PixelUnshuffle):  # space-to-depth: a k x k, stride k window
+            f = m.downscale_factor
+            rf, jump = rf + (f - 1) * jump, jump * f
         elif isinstance(m, _POOLS):
             k, s = _k(m.kernel_size), _k(m.stride or m.kernel_size)
             k = _k(getattr(m, "dilation", 1)) * (k - 1) + 1
