@@ -644,3 +644,19 @@ def test_more_bad_values_are_one_line(tmp_path, capsys, setting, needle, mnist_o
     rc, _, err = run_cli(capsys, "train", TINY_RECIPE, *_args(setting, "data.crop_mode=reflect"),
                          "--out", tmp_path / "run")
     assert_one_line_error(rc, err, needle)
+
+
+def test_threads_setting_applies_to_the_run_only(monkeypatch, mnist_ok):
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    seen = {}
+    real_setup = train_mod.setup
+
+    def spy(cfg, log=print):
+        s = real_setup(cfg, log)
+        seen["threads"] = torch.get_num_threads()
+        return s
+
+    monkeypatch.setattr(train_mod, "setup", spy)
+    train(tiny("train.epochs=1", f"train.threads={other}", *MINI), None)
+    assert seen["threads"] == other and torch.get_num_threads() == before

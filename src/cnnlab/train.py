@@ -201,8 +201,17 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
           overwrite: bool = False, log=print) -> RunResult:
     """Train per ``cfg`` into run directory ``out`` (None: nothing written); return the history.
 
-    With ``resume``, ``cfg`` may be None: the config comes from ``out/last.pt``.
+    With ``resume``, ``cfg`` may be None: the config comes from ``out/last.pt``. ``train.threads``
+    applies for the run only: torch's thread count is given back afterwards.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, out, resume, overwrite, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: bool, log) -> RunResult:
     out = Path(out) if out is not None else None
     ckpt = None
     if resume:
