@@ -519,3 +519,16 @@ def test_failed_get_on_empty_cache_leaves_nothing_loadable(cache_root, writers, 
     assert not (cache_root / "mnist" / "tensors.pt").exists()
     with pytest.raises(CnnlabError, match="cnnlab data get mnist"):
         load("mnist", cache_root)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Files are written to a private temp file, then renamed: the result is readable like any file."""
+    from cnnlab.data import atomic_write_bytes
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = tmp_path / "report.html"
+    atomic_write_bytes(target, b"<html></html>")
+    assert target.read_bytes() == b"<html></html>"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp file left
