@@ -351,19 +351,23 @@ def _bad_idx(tmp_path, writers, what):
     raise AssertionError(what)
 
 
+def _assert_refused(name, root, src, needles):
+    """Acquiring ``name`` from ``src`` fails with one line that contains every needle."""
+    with pytest.raises(CnnlabError) as e:
+        acquire(name, root, src)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
 IDX_CASES = ["missing", "magic", "truncated", "truncated-gz", "damaged-gz", "count"]
 
 
 @pytest.mark.parametrize("what", IDX_CASES)
 def test_bad_idx_input(primed, writers, tmp_path, what):
     root, mn, _, snap = primed
-    src, needles = _bad_idx(tmp_path, writers, what)
-    with pytest.raises(CnnlabError) as e:
-        acquire("mnist", root, src)
-    msg = str(e.value)
-    assert "\n" not in msg
-    for needle in needles:
-        assert needle in msg, (needle, msg)
+    _assert_refused("mnist", root, *_bad_idx(tmp_path, writers, what))
     _check_untouched(root, snap, mn)
 
 
@@ -411,13 +415,7 @@ CIFAR_CASES = ["shape", "dtype", "labels", "keys", "not-pickle", "truncated", "m
 @pytest.mark.parametrize("what", CIFAR_CASES)
 def test_bad_cifar_input(primed, writers, tmp_path, what):
     root, mn, cf, snap = primed
-    src, needles = _bad_cifar(tmp_path, writers, what)
-    with pytest.raises(CnnlabError) as e:
-        acquire("cifar10", root, src)
-    msg = str(e.value)
-    assert "\n" not in msg
-    for needle in needles:
-        assert needle in msg, (needle, msg)
+    _assert_refused("cifar10", root, *_bad_cifar(tmp_path, writers, what))
     _check_untouched(root, snap, mn)
     ds, _ = load("cifar10", root)
     check_cifar(ds, cf)
