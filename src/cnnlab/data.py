@@ -639,7 +639,8 @@ def get_dataset(name: str, root: str | Path | None = None, from_path: str | Path
     record = {"name": name, "source": source, "verified": ds.verified,
               "files": {f.name: md5_file(f) for f in sorted(raw.iterdir())}}
     atomic_write_bytes(folder / "source.json", json.dumps(record, indent=2).encode())
-    load_cached(name, raw, folder / "tensors.pt")
+    # the files were parsed and checked above: the cache is built from that, not read a second time
+    _cached(name, folder / "tensors.pt", fingerprint([f for f in raw.iterdir() if f.is_file()]), lambda: ds)
     state = "verified against the release checksums" if ds.verified else "UNVERIFIED: checksums differ from the release"
     log(f"{name}: {len(ds.train)} train / {len(ds.test) if ds.test else 0} test images from {source} ({state})")
     return record
