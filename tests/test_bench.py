@@ -11,6 +11,7 @@ import torch
 
 from cnnlab import bench, cli, train
 from cnnlab.config import load_recipe
+from cnnlab.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "mnist_tiny.toml"
@@ -59,7 +60,13 @@ def test_bench_excludes_evaluation_time(tmp_path, monkeypatch):
     assert res["time_to_target_s"]["min"] == min(times) and res["time_to_target_s"]["max"] == max(times)
     assert res["final_acc"]["mean"] == pytest.approx(sum(r["final_acc"] for r in res["runs"]) / 2)
     assert res["peak_rss_mb"] > 50
+    # achieved compute = 6 FLOPs per MAC per trained image (13,840-param mnist_tiny: ~2.4M MACs/image)
+    assert res["macs_per_image"] == summarize("mnist_tiny").macs > 1_000_000
+    for r in res["runs"]:
+        assert r["train_gflops"] == pytest.approx(6 * res["macs_per_image"] * r["train_images_per_s"] / 1e9)
+    assert res["peak_gflops"] > res["train_gflops"]["max"] > 0
     assert res["environment"]["torch_version"] == torch.__version__
+    assert res["environment"]["threads"] == 1  # the recipe's train.threads, not the caller's
 
 
 def test_bench_target_not_reached_is_null(tmp_path):
@@ -79,11 +86,11 @@ def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
     for key in ("recipe", "target", "runs", "reached", "time_to_target_s", "final_acc", "seconds_per_epoch",
-                "train_images_per_s", "peak_rss_mb", "environment"):
+                "train_images_per_s", "macs_per_image", "train_gflops", "peak_gflops", "peak_rss_mb", "environment"):
         assert key in data, key
-    assert data["target"] == 0.05 and data["runs"][0]["reached"]
+    assert data["target"] == 0.05 and data["runs"][0]["reached"] and data["recipe"] == str(RECIPE)
     md = (out / "bench.md").read_text()
-    assert "cnnlab bench" in md and "| **median** |" in md
+    assert "cnnlab bench" in md and "| **median** |" in md and "GFLOP/s" in md
 
 
 def test_bench_cli_bad_input(tmp_path, capsys):
@@ -101,4 +108,6 @@ def test_throughput_rows():
     assert [(r["dtype"], r["channels_last"]) for r in rows] == [("float32", False), ("bfloat16", True)]
     for r in rows:
         assert r["images_per_s"] == pytest.approx(8 / (r["ms_per_step"] / 1000))
+        assert r["gflops"] == pytest.approx(6 * summarize("mnist_8k").macs * r["images_per_s"] / 1e9)
+        assert r["pct_of_peak"] == pytest.approx(100 * r["gflops"] / r["peak_gflops"]) and r["peak_gflops"] > 1
     assert "| mnist_8k | 8 | bfloat16 | channels_last |" in bench.throughput_markdown(rows)

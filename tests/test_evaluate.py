@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory) -> Path:
     if not (run / "result.json").is_file():
         threads = torch.get_num_threads()
         try:
-            train.train(config.load_recipe("recipes/mnist_tiny.toml", TINY_OVERRIDES), run)
+            train.train(config.load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mnist_tiny.toml", TINY_OVERRIDES), run)
         finally:
             torch.set_num_threads(threads)
     return run

@@ -127,8 +127,9 @@ def test_stops_at_divergence():
     assert res["lrs"] == pytest.approx(lr_finder.exp_lrs(1e-3, 1e6, steps)[:n])
     assert res["lrs"][-1] < 1e6
     assert all(math.isfinite(v) for v in res["losses"])
-    # it stopped because the smoothed loss ran away (or the next loss was not finite)
-    assert res["smoothed"][-1] > 4 * min(res["smoothed"]) or n < steps
+    # it stopped because the smoothed loss ran away (4x its minimum) or the next loss was not finite
+    ran_away = res["smoothed"][-1] > 4 * min(res["smoothed"])
+    assert res["stop_reason"] == ("smoothed loss above 4x its minimum" if ran_away else "non-finite loss")
     assert res["lrs"][0] <= res["suggestion"] <= res["lrs"][-1]
 
 

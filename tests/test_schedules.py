@@ -261,6 +261,13 @@ def test_linear_warmup(warmup):
     assert all(a < b for a, b in zip(lrs[:n], lrs[1:n]))
 
 
+def test_warmup_of_a_fraction_of_a_step_never_overshoots():
+    """0.25 epochs of 10 steps = 2.5 steps: the third step is still in warmup and must not exceed the LR."""
+    lrs = curve(ScheduleConfig(warmup_epochs=0.25), OptimConfig(lr=0.1), 10, 1)
+    assert lrs[:3] == [approx(0.1 / 2.5), approx(0.2 / 2.5), approx(0.1)]
+    assert max(lrs) == approx(0.1)
+
+
 def test_warmup_multiplies_the_schedule():
     s = ScheduleConfig(name="step", step_size=1, gamma=0.5, warmup_epochs=2)
     o = OptimConfig(lr=0.1)

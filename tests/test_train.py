@@ -508,6 +508,11 @@ def test_tta_averages_the_mirror(tmp_path, mnist_ok):
     assert acc == pytest.approx(res.history[-1]["val_acc"], abs=1e-6)
     assert loss == pytest.approx(res.history[-1]["val_loss"], rel=1e-5)
     assert evaluate_checkpoint(last, split, tta=False)[0] != pytest.approx(loss, rel=1e-6)
+    # `cnnlab evaluate` evaluates as the run was trained (TTA on) unless told otherwise
+    from cnnlab.evaluate import evaluate_run
+    ev = evaluate_run(out, "last", n_images=1)
+    assert ev["tta"] is True and ev["accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert evaluate_run(out, "last", tta=False, n_images=1)["tta"] is False
 
 
 def test_label_smoothing_changes_the_loss(mnist_ok):
@@ -660,3 +665,36 @@ def test_threads_setting_applies_to_the_run_only(monkeypatch, mnist_ok):
     monkeypatch.setattr(train_mod, "setup", spy)
     train(tiny("train.epochs=1", f"train.threads={other}", *MINI), None)
     assert seen["threads"] == other and torch.get_num_threads() == before
+
+
+def test_image_folder_run_given_by_relative_path_evaluates_from_anywhere(tmp_path, writers, monkeypatch):
+    """The run stores the folder's absolute path, so `cnnlab evaluate` works from another directory."""
+    writers.write_image_folder(tmp_path / "digits", mode="L", size=28, per_class=4, layout="split")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny("data.dataset=digits", f"data.root={tmp_path / 'cache'}", "data.batch_size=4", "data.val_split=0",
+               "data.subset=0", "data.eval_batch_size=4", "train.epochs=1")
+    train(cfg, tmp_path / "run")
+    assert load_recipe(tmp_path / "run" / "config.toml").data.dataset == str(tmp_path / "digits")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from cnnlab.evaluate import evaluate_run
+    ev = evaluate_run(tmp_path / "run", n_images=1)
+    assert ev["split"] == "test" and ev["n"] == 12 and ev["dataset"] == "digits"
+
+
+def test_rng_state_from_another_device_reseeds_deterministically():
+    """A checkpoint's data generator from a GPU run cannot drive a CPU generator: reseed from the saved
+    torch state (same result every time) and say that the batches differ."""
+    src = train_mod.rng_state(torch.Generator().manual_seed(3))
+    same = torch.Generator()
+    train_mod.set_rng_state(same, src, log=lambda *a: None)
+    assert torch.equal(same.get_state(), src["data"])
+    notes, draws = [], []
+    for _ in range(2):
+        gen = torch.Generator()
+        train_mod.set_rng_state(gen, {**src, "data_device": "cuda"}, log=notes.append)
+        draws.append(torch.randint(0, 1000, (5,), generator=gen))
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(3)))
+    assert "resuming on cpu a run saved on cuda" in notes[0]

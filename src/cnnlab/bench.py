@@ -22,12 +22,41 @@ from cnnlab import runs
 from cnnlab.config import Config
 from cnnlab.evaluate import autocast
 from cnnlab.models import create_model, get_spec, list_models
-from cnnlab.train import DTYPES, resolve_device, train
+from cnnlab.summary import summarize
+from cnnlab.train import DTYPES, resolve_device, torch_threads, train
+
+# Training FLOPs per image = 6 x MACs: the forward pass is 2 FLOPs per MAC, the backward pass twice
+# the forward (gradients for inputs and for weights); element-wise work (BN, ReLU) is not counted.
+TRAIN_FLOPS_PER_MAC = 6
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_gflops(dtype: str = "bfloat16", device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """The machine's practical peak: GFLOP/s of an n x n matmul in ``dtype`` (median of ``repeats``)."""
+    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def train_gflops(macs_per_image: int, images_per_s: float) -> float:
+    return TRAIN_FLOPS_PER_MAC * macs_per_image * images_per_s / 1e9
 
 
 def _stats(values: list[float]) -> dict:
@@ -36,9 +65,10 @@ def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=print) -> dict:
+def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=print, recipe: str | None = None) -> dict:
     """Train ``cfg`` once per seed (quietly) and summarise time-to-target and accuracy."""
     per_seed = []
+    macs = summarize(cfg.model.name, **cfg.model.options).macs
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.train.seed = seed
@@ -58,21 +88,28 @@ def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=pri
             "train_images_per_s": n_train * res["epochs_run"] / max(res["train_seconds"], 1e-9),
             "reached": res["time_to_target_s"] is not None,
         }
+        row["train_gflops"] = train_gflops(macs, row["train_images_per_s"])
         per_seed.append(row)
         log(f"seed {seed}: final {row['final_acc']:.2%}, time to target "
             f"{'%.1f s' % row['time_to_target_s'] if row['reached'] else 'not reached'}, "
             f"{row['seconds_per_epoch']:.1f} s/epoch, {row['train_images_per_s']:.0f} img/s")
     reached = [r["time_to_target_s"] for r in per_seed if r["reached"]]
+    with torch_threads(cfg.train.threads):  # the peak and the environment as the runs had them
+        peak = matmul_peak_gflops(cfg.train.dtype, str(resolve_device(cfg.train.device)))
+        env = environment(cfg)
     return {
-        "recipe": cfg.model.name, "model": cfg.model.name, "dataset": cfg.data.dataset,
+        "recipe": recipe, "model": cfg.model.name, "dataset": cfg.data.dataset,
         "target": cfg.train.target or None, "seeds": seeds, "runs": per_seed,
         "reached": f"{len(reached)}/{len(per_seed)}",
         "time_to_target_s": _stats(reached),
         "final_acc": _stats([r["final_acc"] for r in per_seed]),
         "seconds_per_epoch": _stats([r["seconds_per_epoch"] for r in per_seed]),
         "train_images_per_s": _stats([r["train_images_per_s"] for r in per_seed]),
+        "macs_per_image": macs,
+        "train_gflops": _stats([r["train_gflops"] for r in per_seed]),
+        "peak_gflops": peak,
         "peak_rss_mb": peak_rss_mb(),
-        "environment": environment(cfg),
+        "environment": env,
     }
 
 
@@ -102,6 +139,11 @@ def markdown(result: dict) -> str:
                  f"{fmt(result['seconds_per_epoch']['median'])} | {fmt(result['train_images_per_s']['median'])} |")
     env = result["environment"]
     lines.append("")
+    g = result["train_gflops"]["median"]
+    lines.append(f"training compute: {result['macs_per_image']:,} MACs/image x 6 = {g:.1f} GFLOP/s (median), "
+                 f"{100 * g / result['peak_gflops']:.1f}% of this machine's {result['environment'].get('dtype')} "
+                 f"2048x2048 matmul ({result['peak_gflops']:.0f} GFLOP/s)")
+    lines.append("")
     lines.append(f"reached target: {result['reached']}; peak RSS {result['peak_rss_mb']:.0f} MiB; device {env.get('device')}, "
                  f"dtype {env.get('dtype')}, channels_last {env.get('channels_last')}, threads {env['threads']}, "
                  f"torch {env['torch_version']}, commit {(env['git_commit'] or '?')[:10]}")
@@ -113,9 +155,11 @@ def throughput(models: list[str] | None = None, batch_size: int | None = None, s
                device: str = "auto", log=print) -> list[dict]:
     """Forward+backward+SGD images/s of zoo models per (dtype, channels_last) setting (median of steps)."""
     device = str(resolve_device(device))
+    peaks = {d: matmul_peak_gflops(d, device) for d in sorted({d for d, _ in settings})}
     rows = []
     for name in models or list_models():
         spec = get_spec(name)
+        macs = summarize(name).macs
         bs = batch_size or (128 if spec.input_shape[0] == 1 else 256)
         for dtype_name, cl in settings:
             torch.manual_seed(0)
@@ -131,28 +175,33 @@ def throughput(models: list[str] | None = None, batch_size: int | None = None, s
             dtype = DTYPES[dtype_name]
             times = []
             for i in range(steps + 1):
+                _sync(device)
                 t0 = time.perf_counter()
                 with autocast(torch.device(device), dtype):
                     loss = F.cross_entropy(model(x).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
+                _sync(device)
                 if i:  # the first step warms up
                     times.append(time.perf_counter() - t0)
             sec = statistics.median(times)
             row = {"model": name, "batch_size": bs, "dtype": dtype_name, "channels_last": cl,
-                   "ms_per_step": 1000 * sec, "images_per_s": bs / sec}
+                   "ms_per_step": 1000 * sec, "images_per_s": bs / sec, "macs_per_image": macs}
+            row["gflops"] = train_gflops(macs, row["images_per_s"])
+            row["pct_of_peak"] = 100 * row["gflops"] / peaks[dtype_name]
+            row["peak_gflops"] = peaks[dtype_name]
             rows.append(row)
             log(f"{name:14s} bs {bs:4d} {dtype_name:9s} {'channels_last' if cl else 'NCHW':13s} "
-                f"{row['ms_per_step']:9.1f} ms/step {row['images_per_s']:9.0f} img/s")
+                f"{row['ms_per_step']:9.1f} ms/step {row['images_per_s']:9.0f} img/s {row['gflops']:7.1f} GFLOP/s "
+                f"({row['pct_of_peak']:.0f}% of matmul peak)")
     return rows
 
 
 def throughput_markdown(rows: list[dict]) -> str:
-    lines = ["| model | batch | dtype | layout | ms/step | img/s |", "|---|---:|---|---|---:|---:|"]
+    lines = ["| model | batch | dtype | layout | ms/step | img/s | GFLOP/s | % of matmul peak |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {'channels_last' if r['channels_last'] else 'NCHW'} "
-                     f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} |")
+                     f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {r['gflops']:.1f} | {r['pct_of_peak']:.1f} |")
     return "\n".join(lines)

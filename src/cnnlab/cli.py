@@ -127,8 +127,7 @@ def cmd_bench(args) -> None:
         config.validate(cfg)
     if not cfg.train.target:
         raise CnnlabError("no target accuracy: set train.target in the recipe or pass --target, e.g. --target 0.994")
-    res = bench.bench_recipe(cfg, list(range(args.seeds)), out / "runs")
-    res["recipe"] = str(args.recipe)
+    res = bench.bench_recipe(cfg, list(range(args.seeds)), out / "runs", recipe=str(args.recipe))
     runs.write_json(out / "bench.json", res)
     md = bench.markdown(res)
     runs.write_text(out / "bench.md", f"`cnnlab bench {args.recipe} --seeds {args.seeds}`\n\n{md}\n")
@@ -204,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=("best", "last"), default="best")
     e.add_argument("--split", choices=("test", "val"), default=None,
                    help="test, or val (the images held out by val_split); default: the split the run was evaluated on")
-    e.add_argument("--tta", action="store_true", help="average predictions over each image and its mirror")
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average predictions over each image and its mirror (default: as the run was trained)")
     e.add_argument("--layer", help="layer for Grad-CAM and feature maps (default: the last spatial block)")
     e.add_argument("--n", type=int, default=16, help="misclassified images to show (default 16)")
     e.set_defaults(func=cmd_evaluate)
@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except CnnlabError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permission denied, ... on a path the user gave
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''} (check the path, its permissions "
+              f"and free space)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -299,7 +299,7 @@ def unpickle(data: bytes, path: str) -> dict:
 
 def cifar_batch(obj: dict, path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     if b"data" not in obj or label_key not in obj:
-        raise CnnlabError(f"{path}: keys {sorted(k.decode() for k in obj)}; expected 'data' and "
+        raise CnnlabError(f"{path}: keys {sorted(k.decode() if isinstance(k, bytes) else str(k) for k in obj)}; expected 'data' and "
                           f"'{label_key.decode()}' (CIFAR batch format)")
     x = np.asarray(obj[b"data"])
     y = np.asarray(obj[label_key], dtype=np.int64)
@@ -484,7 +484,10 @@ def load_dataset(name: str, root: str | Path | None = None, val_split: int = 0,
                 raise CnnlabError(f"dataset '{name}' is not in {data_root(root)}: "
                                   f"run `cnnlab data get {name}`")
             get_dataset(name, root=root, log=log)
-        source = json.loads((folder / "source.json").read_text())
+        try:
+            source = json.loads((folder / "source.json").read_text())
+        except json.JSONDecodeError:
+            raise CnnlabError(f"{folder / 'source.json'} is damaged: run `cnnlab data get {name}` again") from None
         ds = load_cached(name, raw, folder / "tensors.pt")
         # verified only if the acquired files were and the files read now still are
         ds.source, ds.verified = source["source"], source["verified"] and ds.verified

@@ -160,11 +160,15 @@ def top_losses(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], n
              "confidence": float(probs[i].max()), "loss": float(loss[i])} for i in order]
 
 
-def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = None, tta: bool = False,
+def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = None, tta: bool | None = None,
              n_images: int = 16, out_dir: str | Path | None = None) -> Evaluation:
-    """Evaluate a run's checkpoint on a split, write ``eval.json`` (into ``out_dir`` or the run)."""
+    """Evaluate a run's checkpoint on a split, write ``eval.json`` (into ``out_dir`` or the run).
+
+    ``tta=None`` evaluates as the run did (its ``train.tta``), so the numbers match its metrics."""
     run_dir = Path(run_dir)
     ckpt, model = load_run_model(run_dir, checkpoint)
+    if tta is None:
+        tta = bool(ckpt["config"].get("train", {}).get("tta", False))
     images, split_name = load_eval_split(ckpt, split)
     info = ckpt["dataset"]
     classes = list(info["classes"])
@@ -186,7 +190,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     return Evaluation(summary, model, images, logits, classes, tuple(info["mean"]), tuple(info["std"]))
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str | None = None, tta: bool = False,
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best", split: str | None = None, tta: bool | None = None,
                  n_images: int = 16, out_dir: str | Path | None = None) -> dict:
     """Evaluate a run and write ``eval.json``; return its content (see ``evaluate`` for the pictures' inputs)."""
     return evaluate(run_dir, checkpoint, split, tta, n_images, out_dir).summary

@@ -22,7 +22,7 @@ from cnnlab import runs
 from cnnlab.config import Config
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import autocast
-from cnnlab.train import set_lr, setup
+from cnnlab.train import set_lr, setup, torch_threads
 
 
 def exp_lrs(start: float, end: float, steps: int) -> list[float]:
@@ -56,6 +56,11 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
 def lr_find(cfg: Config, start_lr: float = 1e-6, end_lr: float = 10.0, steps: int = 200,
             beta: float = 0.9, diverge: float = 4.0, log=print) -> dict:
     """Run the range test for ``cfg``'s model, data and optimizer; return lrs, losses, suggestion."""
+    with torch_threads(cfg.train.threads):
+        return _lr_find(cfg, start_lr, end_lr, steps, beta, diverge, log)
+
+
+def _lr_find(cfg, start_lr, end_lr, steps, beta, diverge, log):
     if not 0 < start_lr < end_lr:
         raise CnnlabError(f"LR range {start_lr}..{end_lr}: need 0 < start < end, e.g. 1e-6..10")
     if steps < 10:
@@ -64,9 +69,10 @@ def lr_find(cfg: Config, start_lr: float = 1e-6, end_lr: float = 10.0, steps: in
     model, opt = s.model, s.optimizer
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    gen = torch.Generator(device=s.device).manual_seed(cfg.train.seed)
     lrs_planned = exp_lrs(start_lr, end_lr, steps)
     lrs, losses = [], []
+    stop_reason = None
     model.train()
     try:
         batches = iter(())
@@ -81,6 +87,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-6, end_lr: float = 10.0, steps: in
                 loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.optim.label_smoothing)
             value = float(loss.detach())
             if not math.isfinite(value):
+                stop_reason = "non-finite loss"
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,6 +96,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-6, end_lr: float = 10.0, steps: in
             losses.append(value)
             smoothed = ema_smooth(losses, beta)
             if len(losses) > 10 and smoothed[-1] > diverge * min(smoothed):
+                stop_reason = f"smoothed loss above {diverge:g}x its minimum"
                 break
     finally:
         model.load_state_dict(saved_model)
@@ -99,7 +107,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-6, end_lr: float = 10.0, steps: in
     smoothed = ema_smooth(losses, beta)
     return {"model": cfg.model.name, "dataset": cfg.data.dataset, "seed": cfg.train.seed, "lrs": lrs,
             "losses": losses, "smoothed": smoothed, "suggestion": suggest(lrs, smoothed),
-            "stopped_early": len(losses) < steps, "start_lr": start_lr, "end_lr": end_lr}
+            "stopped_early": len(losses) < steps, "stop_reason": stop_reason, "start_lr": start_lr, "end_lr": end_lr}
 
 
 def write(result: dict, out: Path) -> None:

@@ -42,7 +42,7 @@ def misclassified_indices(ev: evaluate.Evaluation, n: int) -> torch.Tensor:
     return wrong[loss[wrong].argsort(descending=True)][:n]
 
 
-def evaluate_and_plot(run_dir: str | Path, checkpoint: str = "best", split: str | None = None, tta: bool = False,
+def evaluate_and_plot(run_dir: str | Path, checkpoint: str = "best", split: str | None = None, tta: bool | None = None,
                       n_images: int = 16, layer: str | None = None, out_dir: str | Path | None = None) -> dict:
     """Evaluate a run, write eval.json and the pictures (``PICTURES``) into ``out_dir`` (default: the run)."""
     run_dir = Path(run_dir)

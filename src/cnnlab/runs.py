@@ -35,7 +35,10 @@ def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise CnnlabError(f"{path}: damaged line ({e}); re-run `cnnlab train` for this run") from None
 
 
 def read_result(run: Path) -> dict:

@@ -65,7 +65,7 @@ def lr_at(s: ScheduleConfig, o: OptimConfig, step: int, steps_per_epoch: int,
     else:
         raise ValueError(f"unknown schedule {s.name!r}")  # config.validate rejects it earlier
     if s.warmup_epochs > 0 and t < s.warmup_epochs:
-        lr *= (step + 1) / (s.warmup_epochs * steps_per_epoch)
+        lr *= min(1.0, (step + 1) / (s.warmup_epochs * steps_per_epoch))
     if o.decay:
         lr /= 1 + o.decay * step
     return lr, momentum

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +27,7 @@ from cnnlab import config as config_mod
 from cnnlab import runs
 from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
-from cnnlab.data import Dataset, Split, load_dataset
+from cnnlab.data import DATASETS, Dataset, Split, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import autocast, loss_and_accuracy, predict
 from cnnlab.models import create_model, get_spec
@@ -50,6 +51,9 @@ def resolve_device(name: str) -> torch.device:
         raise CnnlabError(f"train.device = {name!r}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CnnlabError(f"train.device = {name!r} but no CUDA GPU is available; use device = \"auto\" or \"cpu\"")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise CnnlabError(f"train.device = {name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     try:
         return torch.device(name)
     except RuntimeError:
@@ -105,6 +109,8 @@ def setup(cfg: Config, log=print) -> Setup:
     device = resolve_device(cfg.train.device)
     dtype = DTYPES[cfg.train.dtype]
     ds = load_dataset(cfg.data.dataset, root=cfg.data.root or None, val_split=cfg.data.val_split, log=log)
+    if cfg.data.dataset not in DATASETS:  # an image folder: keep its absolute path, so the run works from anywhere
+        cfg.data.dataset = str(Path(cfg.data.dataset).expanduser().resolve())
     if cfg.data.subset:
         ds.train = Split(ds.train.images[:cfg.data.subset], ds.train.labels[:cfg.data.subset])
     check_compatible(cfg, ds)
@@ -149,14 +155,19 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def rng_state(gen: torch.Generator) -> dict:
-    state = {"data": gen.get_state(), "torch": torch.get_rng_state()}
+    state = {"data": gen.get_state(), "data_device": gen.device.type, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(gen: torch.Generator, state: dict) -> None:
-    gen.set_state(state["data"])
+def set_rng_state(gen: torch.Generator, state: dict, log=print) -> None:
+    if state.get("data_device", "cpu") == gen.device.type:
+        gen.set_state(state["data"])
+    else:  # a CPU run resumed on a GPU (or back): the generators differ, so does the data order from here on
+        gen.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=torch.Generator().set_state(state["torch"]))))
+        log(f"note: resuming on {gen.device.type} a run saved on {state.get('data_device', 'cpu')}: "
+            f"the batches differ from an uninterrupted run")
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -204,11 +215,20 @@ def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: b
     With ``resume``, ``cfg`` may be None: the config comes from ``out/last.pt``. ``train.threads``
     applies for the run only: torch's thread count is given back afterwards.
     """
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(0):  # setup() applies train.threads (read from the checkpoint on resume)
         return _train(cfg, out, resume, overwrite, log)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads (0: leave the count as it is), then give the old count back."""
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(old)
 
 
 def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: bool, log) -> RunResult:
@@ -232,7 +252,8 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     fwd = torch.compile(model) if cfg.train.compile else model
     # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (scaler disabled)
     scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == torch.float16)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    # augmentation draws on the training device: no host-device copy (and sync) per batch on a GPU
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     steps_per_epoch = len(s.train_loader)
     history: list[dict] = []
     state = {"train_seconds": 0.0, "best_val_acc": -1.0, "time_to_target_s": None, "target_epoch": None,
@@ -245,7 +266,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             ema.load_state_dict(ckpt["ema_state_dict"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(gen, ckpt["rng"])
+        set_rng_state(gen, ckpt["rng"], log)
         history = list(ckpt["history"])
         state.update(ckpt["state"])
         start_epoch = ckpt["epoch"] + 1
@@ -293,6 +314,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     for r in history:
         say(table_row(r))
     epoch, step_in_epoch = start_epoch, 0
+    saved_rows = len(history)  # rows whose epoch last.pt holds
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             model.train()
@@ -350,6 +372,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             if improved:
                 save(epoch, "best.pt")
             save(epoch, "last.pt")
+            saved_rows = len(history)
             if out is not None:  # after the checkpoints: a metrics row always has its last.pt
                 runs.write_metrics(out, history)
             say(table_row(row) + ("  <- target" if hit else ""))
@@ -360,6 +383,8 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
                 say(f"stopping early: no improvement for {cfg.train.patience} epochs")
                 break
     except KeyboardInterrupt:
+        if out is not None:  # interrupted while saving: report what last.pt holds
+            del history[saved_rows:]
         done = len(history)
         log(f"interrupted in epoch {epoch}; {'last.pt holds epoch ' + str(done) if out and done else 'nothing saved'}"
             + (f"; continue with: cnnlab train --resume {out}" if out else ""))
