@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab import runs
-from cnnlab.augment import Loader
+from cnnlab.augment import Loader, translate
 from cnnlab.data import Split, load_dataset
 from cnnlab.errors import CnnlabError
 
@@ -31,8 +31,19 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on CPU) and labels for every image of ``loader``, in order."""
+def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
+    """The views whose predictions test-time augmentation averages: the image, its mirror (``flip``),
+    and both shifted by +-``shift`` pixels along the diagonal."""
+    views = [x, x.flip(3)] if flip else [x]
+    if shift:
+        views += [translate(v, d, d) for v in list(views) for d in (-shift, shift)]
+    return views
+
+
+def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float32,
+            tta_shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, on CPU) and labels for every image of ``loader``, in order; with ``tta`` /
+    ``tta_shift`` the logits are averaged over ``tta_views``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -40,9 +51,8 @@ def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float
     try:
         for x, y in loader.epoch(None):
             with autocast(device, dtype):
-                out = model(x)
-                if tta:
-                    out = (out + model(x.flip(3))) / 2
+                views = tta_views(x, tta, tta_shift)
+                out = sum(model(v).float() for v in views) / len(views)
             logits.append(out.float().cpu())
             labels.append(y.cpu())
     finally:
@@ -169,13 +179,14 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     ckpt, model = load_run_model(run_dir, checkpoint)
     if tta is None:
         tta = bool(ckpt["config"].get("train", {}).get("tta", False))
+    tta_shift = int(ckpt["config"].get("train", {}).get("tta_shift", 0))
     images, split_name = load_eval_split(ckpt, split)
     info = ckpt["dataset"]
     classes = list(info["classes"])
     batch = int(ckpt["config"].get("data", {}).get("eval_batch_size", 1000) or 1000)
     loader = Loader(images.images, images.labels, batch, info["mean"], info["std"])
     try:
-        logits, labels = predict(model, loader, tta=tta)
+        logits, labels = predict(model, loader, tta=tta, tta_shift=tta_shift)
     except RuntimeError as e:
         raise CnnlabError(f"model {ckpt['model_name']} cannot run on {info['name']} images "
                           f"({str(e).splitlines()[0]}); the checkpoint does not match its dataset") from None
@@ -183,7 +194,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     loss = float(per_sample_loss(logits, labels).mean())
     summary = {
         "run": str(run_dir), "checkpoint": checkpoint, "epoch": ckpt.get("epoch"), "split": split_name,
-        "dataset": info["name"], "model": ckpt["model_name"], "tta": bool(tta), "loss": loss, **m,
+        "dataset": info["name"], "model": ckpt["model_name"], "tta": bool(tta), "tta_shift": tta_shift, "loss": loss, **m,
         "top_losses": top_losses(logits, labels, classes, n_images),
     }
     runs.write_json(Path(out_dir or run_dir) / "eval.json", summary)

@@ -181,7 +181,8 @@ def section_failures(run_dir: Path, ev: dict) -> str:
                      ("balanced accuracy", _pct(ev["balanced_accuracy"])),
                      ("images", f"{ev['n']:,}"), ("loss", f"{ev['loss']:.4f}"),
                      ("checkpoint", f"{ev['checkpoint']}.pt (epoch {ev.get('epoch', '?')})"),
-                     ("flip TTA", "on" if ev.get("tta") else "off")])
+                     ("TTA", ", ".join(["flip"] * bool(ev.get("tta")) + [f"shift {ev['tta_shift']} px"] * bool(ev.get("tta_shift")))
+                      or "off")])
     body = [[c, _pct(v["precision"]), _pct(v["recall"]), f"{v['f1']:.3f}", v["support"]]
             for c, v in ev["per_class"].items()]
     pairs = [[p["true"], p["predicted"], p["count"]] for p in ev["most_confused"]]

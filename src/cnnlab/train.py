@@ -352,7 +352,8 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             if bar is not None:
                 bar.close()
             state["train_seconds"] += epoch_seconds
-            logits_v, labels_v = predict(ema if ema is not None else fwd, s.eval_loader, cfg.train.tta, s.dtype)
+            logits_v, labels_v = predict(ema if ema is not None else fwd, s.eval_loader, cfg.train.tta, s.dtype,
+                                         cfg.train.tta_shift)
             val_loss, val_acc = loss_and_accuracy(logits_v, labels_v)
             if not (math.isfinite(val_loss) and all_finite(model)):
                 raise _Diverged(epoch, steps_per_epoch, val_loss, lr, "evaluation loss")
