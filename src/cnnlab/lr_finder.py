@@ -16,13 +16,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cnnlab import runs
 from cnnlab.config import Config
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import autocast
-from cnnlab.train import set_lr, setup, torch_threads
+from cnnlab.train import backward_step, forward_loss, grad_scaler, set_lr, setup, torch_threads
 
 
 def exp_lrs(start: float, end: float, steps: int) -> list[float]:
@@ -69,6 +67,7 @@ def _lr_find(cfg, start_lr, end_lr, steps, beta, diverge, log):
     model, opt = s.model, s.optimizer
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
+    scaler = grad_scaler(s.device, s.dtype)
     gen = torch.Generator(device=s.device).manual_seed(cfg.train.seed)
     lrs_planned = exp_lrs(start_lr, end_lr, steps)
     lrs, losses = [], []
@@ -83,15 +82,12 @@ def _lr_find(cfg, start_lr, end_lr, steps, beta, diverge, log):
                 batches = s.train_loader.epoch(gen)
                 x, y = next(batches)
             set_lr(opt, lr, None)
-            with autocast(s.device, s.dtype):
-                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.optim.label_smoothing)
+            _, loss = forward_loss(model, x, y, s.dtype, cfg.optim.label_smoothing)
             value = float(loss.detach())
             if not math.isfinite(value):
                 stop_reason = "non-finite loss"
                 break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            backward_step(model, opt, scaler, loss, cfg.optim.grad_clip)
             lrs.append(lr)
             losses.append(value)
             smoothed = ema_smooth(losses, beta)

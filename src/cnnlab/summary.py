@@ -13,7 +13,7 @@ running_mean / running_var (``num_batches_tracked`` is not counted); total = tra
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn

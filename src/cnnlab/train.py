@@ -76,6 +76,31 @@ class Setup:
     params: int
 
 
+def forward_loss(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the (float32) cross-entropy of one batch, under autocast to ``dtype``."""
+    with autocast(x.device, dtype):
+        logits = model(x)
+        return logits, F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+
+
+def backward_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  loss: torch.Tensor, grad_clip: float = 0.0) -> None:
+    """Gradients of ``loss`` (scaled for fp16), optional clipping, one optimizer step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its gradients underflow otherwise); a no-op for other dtypes."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def check_compatible(cfg: Config, ds: Dataset) -> None:
     spec = get_spec(cfg.model.name)
     if spec.input_shape[0] != ds.shape[0]:
@@ -251,7 +276,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     ema = copy.deepcopy(model).eval() if cfg.train.ema else None
     fwd = torch.compile(model) if cfg.train.compile else model
     # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (scaler disabled)
-    scaler = torch.amp.GradScaler(device.type, enabled=s.dtype == torch.float16)
+    scaler = grad_scaler(device, s.dtype)
     # augmentation draws on the training device: no host-device copy (and sync) per batch on a GPU
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     steps_per_epoch = len(s.train_loader)
@@ -328,18 +353,10 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
                 step = (epoch - 1) * steps_per_epoch + step_in_epoch
                 lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
                 set_lr(opt, lr, mom)
-                with autocast(device, s.dtype):
-                    logits = fwd(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+                logits, loss = forward_loss(fwd, x, y, s.dtype, cfg.optim.label_smoothing)
                 if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on CUDA the epoch-end check
                     raise _Diverged(epoch, step_in_epoch + 1, float(loss.detach()), lr)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.optim.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                scaler.step(opt)
-                scaler.update()
+                backward_step(model, opt, scaler, loss, cfg.optim.grad_clip)
                 if ema is not None:
                     ema_update(ema, model, cfg.train.ema)
                 loss_sum += loss.detach() * len(y)
