@@ -412,6 +412,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the old file: a crash leaves one or the other
         umask = os.umask(0o022)
         os.umask(umask)  # (reading the umask means setting it; it is set straight back)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
