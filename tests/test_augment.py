@@ -145,16 +145,16 @@ def test_same_seed_same_output_different_seed_different():
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-def test_translate_moves_content_and_fills_from_the_edge(dtype):
+def test_translate_moves_content_and_fills_by_reflection(dtype):
     x = torch.zeros(2, 1, 6, 6, dtype=dtype)
     x[:, 0, 2, 3] = 9
     before = x.clone()
     down_right = translate(x, 1, 2)
     assert down_right.dtype == dtype and down_right.shape == x.shape and torch.equal(x, before)
-    assert down_right[0, 0, 3, 5] == 9 and int((down_right != 0).sum()) == 2
+    assert down_right[0, 0, 3, 5] == 9 and int((down_right[:, :, 1:, 2:] != 0).sum()) == 2
     assert translate(x, -2, -3)[1, 0, 0, 0] == 9
     edge = torch.arange(6, dtype=dtype).repeat(1, 1, 6, 1)  # column index as value
-    assert translate(edge, 0, 2)[0, 0, 0].tolist() == [0, 0, 0, 1, 2, 3]  # left edge replicated
+    assert translate(edge, 0, 2)[0, 0, 0].tolist() == [2, 1, 0, 1, 2, 3]  # reflected about the left edge
     assert translate(x, 0, 0) is x
 
 

@@ -191,23 +191,28 @@ def test_cli_evaluate_bad_inputs(run_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_tta_views_and_predict_average_them():
-    """flip + shift 1: the image, its mirror, and each shifted by (-1,-1) and (+1,+1): 6 views."""
+    """flip + shift 1: the image and its mirror (half the weight), and both shifted by (-1,-1) and
+    (+1,+1) (the other half), as airbench's mirror + translate TTA."""
     from cnnlab.augment import Loader, translate
     from cnnlab.evaluate import predict, tta_views
 
     x = torch.randn(3, 1, 8, 8)
-    views = tta_views(x, flip=True, shift=1)
-    assert len(views) == 6 and torch.equal(views[1], x.flip(3))
-    assert torch.equal(views[2], translate(x, -1, -1)) and torch.equal(views[5], translate(x.flip(3), 1, 1))
-    assert len(tta_views(x, flip=False, shift=0)) == 1 and len(tta_views(x, flip=False, shift=2)) == 3
+    x_before = x.clone()
+    views, shifted = tta_views(x, flip=True, shift=1)
+    assert len(views) == 2 and len(shifted) == 4 and torch.equal(views[1], x.flip(3))
+    assert torch.equal(shifted[0], translate(x, -1, -1)) and torch.equal(shifted[3], translate(x.flip(3), 1, 1))
+    assert torch.equal(x, x_before)
+    assert [len(v) for v in tta_views(x, flip=False, shift=0)] == [1, 0]
+    assert [len(v) for v in tta_views(x, flip=False, shift=2)] == [1, 2]
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 5))
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
     loader = Loader(images, torch.zeros(3, dtype=torch.long), 3, [0.5], [0.25])
-    model(next(loader.epoch(None))[0])  # materialise the lazy layer
     xn = next(loader.epoch(None))[0]
     logits, _ = predict(model, loader, tta=True, tta_shift=1)
     with torch.no_grad():
-        expected = sum(model(v) for v in tta_views(xn, True, 1)) / 6
-    assert torch.allclose(logits, expected, atol=1e-6)
-    assert not torch.allclose(logits, predict(model, loader)[0], atol=1e-4)
+        plain = (model(xn) + model(xn.flip(3))) / 2
+        moved = sum(model(translate(v, d, d)) for v in (xn, xn.flip(3)) for d in (-1, 1)) / 4
+    assert torch.allclose(logits, 0.5 * plain + 0.5 * moved, atol=1e-6)
+    assert not torch.allclose(logits, plain, atol=1e-4)
+    assert torch.allclose(predict(model, loader, tta=True)[0], plain, atol=1e-6)

@@ -71,12 +71,12 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator, p: float = 1.0, fil
 
 
 def translate(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """Shift every image by (dy, dx) pixels (down/right when positive), filling from the edge pixels."""
+    """Shift every image by (dy, dx) pixels (down/right when positive), filling by reflection."""
     n, c, h, w = x.shape
     p = max(abs(dy), abs(dx))
     if p == 0:
         return x
-    padded = F.pad(x.float(), (p, p, p, p), mode="replicate").to(x.dtype)
+    padded = F.pad(x.float(), (p, p, p, p), mode="reflect").to(x.dtype)
     return padded[:, :, p - dy:p - dy + h, p - dx:p - dx + w]
 
 

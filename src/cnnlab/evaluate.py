@@ -31,19 +31,27 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def tta_views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
-    """The views whose predictions test-time augmentation averages: the image, its mirror (``flip``),
-    and both shifted by +-``shift`` pixels along the diagonal."""
+def tta_views(x: torch.Tensor, flip: bool, shift: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The views test-time augmentation averages: (the image and, with ``flip``, its mirror), and
+    (with ``shift``) those views shifted by -``shift`` and +``shift`` pixels along the diagonal."""
     views = [x, x.flip(3)] if flip else [x]
-    if shift:
-        views += [translate(v, d, d) for v in list(views) for d in (-shift, shift)]
-    return views
+    shifted = [translate(v, d, d) for d in (-shift, shift) for v in views] if shift else []
+    return views, shifted
+
+
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, flip: bool = False, shift: int = 0) -> torch.Tensor:
+    """Mean logits over the views; the shifted views, if any, share half of the weight (as airbench)."""
+    views, shifted = tta_views(x, flip, shift)
+    out = sum(model(v).float() for v in views) / len(views)
+    if shifted:
+        out = 0.5 * out + 0.5 * sum(model(v).float() for v in shifted) / len(shifted)
+    return out
 
 
 def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float32,
             tta_shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on CPU) and labels for every image of ``loader``, in order; with ``tta`` /
-    ``tta_shift`` the logits are averaged over ``tta_views``."""
+    """Logits (float32, on CPU) and labels for every image of ``loader``, in order; with ``tta``
+    (mirror) or ``tta_shift`` (translation) the logits are ``tta_logits``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -51,9 +59,8 @@ def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float
     try:
         for x, y in loader.epoch(None):
             with autocast(device, dtype):
-                views = tta_views(x, tta, tta_shift)
-                out = sum(model(v).float() for v in views) / len(views)
-            logits.append(out.float().cpu())
+                out = tta_logits(model, x, tta, tta_shift)
+            logits.append(out.cpu())
             labels.append(y.cpu())
     finally:
         model.train(was_training)
