@@ -30,7 +30,7 @@ from cnnlab import config  # noqa: E402
 from cnnlab.data import load_dataset  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.models import create_model  # noqa: E402
-from cnnlab.train import train  # noqa: E402
+from cnnlab.train import torch_threads, train  # noqa: E402
 
 
 class NotebookDataset(torch.utils.data.Dataset):
@@ -122,9 +122,11 @@ def main() -> None:
         sys.exit("error: the reference loop mirrors SGD + OneCycle recipes only")
     rows = []
     for seed in range(args.seeds):
-        rows.append((cnnlab_run(cfg, seed), reference_run(cfg, seed)))
-    print(f"\n`python benchmarks/reference_loop.py {args.recipe} --seeds {args.seeds}` "
-          f"(threads {torch.get_num_threads()}, torch {torch.__version__})\n")
+        with torch_threads(cfg.train.threads):  # both loops get the recipe's thread count
+            rows.append((cnnlab_run(cfg, seed), reference_run(cfg, seed)))
+    sets = "".join(f" --set {v}" for v in args.set)
+    print(f"\n`python benchmarks/reference_loop.py {args.recipe} --seeds {args.seeds}{sets}` "
+          f"(threads {cfg.train.threads or torch.get_num_threads()}, torch {torch.__version__})\n")
     print(f"| seed | cnnlab acc | cnnlab time to {cfg.train.target:.2%} (s) | reference acc | reference time (s) | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
     ratios = []
