@@ -698,3 +698,44 @@ def test_rng_state_from_another_device_reseeds_deterministically():
     assert torch.equal(draws[0], draws[1])
     assert not torch.equal(draws[0], torch.randint(0, 1000, (5,), generator=torch.Generator().manual_seed(3)))
     assert "resuming on cpu a run saved on cuda" in notes[0]
+
+
+def test_lookahead_update_follows_the_airbench_rule():
+    """From 30% of training, every 5 steps: avg <- lerp(avg, w, 1 - rho), w <- avg,
+    rho = decay^5 * progress^3; nothing before."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    w = model[0].weight
+    total, decay = 20, 0.9
+    avg = None
+    for step in range(9):  # done = 1..9: before 30% (6) or not a multiple of 5
+        avg = train_mod.lookahead_update(avg, model, step, total, decay)
+    assert avg is None
+    avg = train_mod.lookahead_update(avg, model, 9, total, decay)  # done = 10: starts, copies
+    assert avg is not None and torch.equal(avg[0], w.detach())
+    assert len(avg) == 6  # Linear weight, bias; BN weight, bias, running mean, var (not its int counter)
+    start = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+    for step in range(10, 14):  # done 11..14: not multiples of 5, nothing happens
+        assert train_mod.lookahead_update(avg, model, step, total, decay) is avg
+    assert torch.equal(w.detach(), start + 1)
+    train_mod.lookahead_update(avg, model, 14, total, decay)  # done = 15
+    rho = decay ** 5 * (15 / 20) ** 3
+    expected = start + (1 - rho) * 1.0
+    assert torch.allclose(avg[0], expected) and torch.allclose(w.detach(), expected)
+
+
+def test_lookahead_run_resumes_exactly_and_changes_training(tmp_path, interrupt_at_epoch, mnist_ok):
+    cfg = tiny("train.epochs=3", "train.lookahead=0.95", "data.batch_size=32")
+    full = train(cfg, tmp_path / "full")
+    assert runs.load_checkpoint(tmp_path / "full")["lookahead"] is not None
+    disarm = interrupt_at_epoch(3)
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "cut")
+    disarm()
+    resumed = train(None, tmp_path / "cut", resume=True)
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    assert same_state(runs.load_checkpoint(tmp_path / "full")["state_dict"],
+                      runs.load_checkpoint(tmp_path / "cut")["state_dict"])
+    plain = train(tiny("train.epochs=3", "data.batch_size=32"), None)
+    assert plain.history[-1]["val_loss"] != full.history[-1]["val_loss"]

@@ -93,6 +93,7 @@ class TrainConfig:
     stop_at_target: bool = True
     patience: int = 0  # early stop after this many epochs without improvement (0 = off)
     ema: float = 0.0  # EMA decay of weights per step (0 = off); evaluation uses the EMA
+    lookahead: float = 0.0  # airbench's lookahead decay per step (0.95 there; 0 = off): see train.lookahead_update
     tta: bool = False  # average predictions over the image and its mirror at evaluation
     tta_shift: int = 0  # also average over the image shifted by +-N pixels along the diagonal (0 = off)
     quiet: bool = False
@@ -206,6 +207,7 @@ def validate(cfg: Config) -> None:
         (cfg.optim.bias_lr_scale > 0, f"optim.bias_lr_scale = {cfg.optim.bias_lr_scale}: must be > 0"),
         (cfg.optim.decay >= 0, f"optim.decay = {cfg.optim.decay}: must be >= 0"),
         (0 <= cfg.train.ema < 1, f"train.ema = {cfg.train.ema}: must be in [0, 1)"),
+        (0 <= cfg.train.lookahead < 1, f"train.lookahead = {cfg.train.lookahead}: must be in [0, 1) (airbench: 0.95)"),
         (0 <= cfg.train.tta_shift <= 4, f"train.tta_shift = {cfg.train.tta_shift}: must be 0 (off) to 4 pixels"),
         (0 <= cfg.train.target <= 1, f"train.target = {cfg.train.target}: an accuracy in [0, 1], e.g. 0.994"),
         (0 < cfg.schedule.pct_start < 1, f"schedule.pct_start = {cfg.schedule.pct_start}: must be in (0, 1)"),

@@ -172,6 +172,26 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) 
 
 
 @torch.no_grad()
+def lookahead_update(avg: list | None, model: torch.nn.Module, step: int, total: int, decay: float,
+                     every: int = 5, start: float = 0.3, power: float = 3.0) -> list | None:
+    """airbench's lookahead, after optimizer step ``step`` (0-based) of ``total``: from ``start`` of
+    training on, every ``every`` steps the running average of the weights (and BN statistics) moves
+    toward them by ``1 - rho`` and replaces them, with ``rho = decay ** every * (progress ** power)``:
+    little averaging early, strong averaging at the end. Returns the average (made on the first
+    eligible step)."""
+    done = step + 1
+    if done < start * total or done % every:
+        return avg
+    state = [v for v in model.state_dict().values() if v.is_floating_point()]
+    with torch.no_grad():
+        if avg is None:
+            return [v.detach().clone() for v in state]
+        rho = decay ** every * (done / total) ** power
+        torch._foreach_lerp_(avg, state, 1 - rho)
+        torch._foreach_copy_(state, avg)
+    return avg
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     ema_p = [p for p in ema.parameters()]
     torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - decay)
@@ -274,6 +294,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
         clear_run_dir(out)
     model, opt, device = s.model, s.optimizer, s.device
     ema = copy.deepcopy(model).eval() if cfg.train.ema else None
+    lookahead = None  # the lookahead average (a list of tensors) once it starts
     fwd = torch.compile(model) if cfg.train.compile else model
     # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (scaler disabled)
     scaler = grad_scaler(device, s.dtype)
@@ -289,6 +310,8 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
         opt.load_state_dict(ckpt["optimizer"])
         if ema is not None and ckpt.get("ema_state_dict"):
             ema.load_state_dict(ckpt["ema_state_dict"])
+        if ckpt.get("lookahead") is not None:
+            lookahead = [t.to(device) for t in ckpt["lookahead"]]
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(gen, ckpt["rng"], log)
@@ -325,7 +348,8 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             return
         runs.save_checkpoint(out / name, {
             **meta, "epoch": epoch, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-            "ema_state_dict": ema.state_dict() if ema is not None else None, "rng": rng_state(gen),
+            "ema_state_dict": ema.state_dict() if ema is not None else None, "lookahead": lookahead,
+            "rng": rng_state(gen),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "history": history, "state": dict(state)})
 
@@ -357,6 +381,9 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
                 if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on CUDA the epoch-end check
                     raise _Diverged(epoch, step_in_epoch + 1, float(loss.detach()), lr)
                 backward_step(model, opt, scaler, loss, cfg.optim.grad_clip)
+                if cfg.train.lookahead:
+                    lookahead = lookahead_update(lookahead, model, step, steps_per_epoch * cfg.train.epochs,
+                                                 cfg.train.lookahead)
                 if ema is not None:
                     ema_update(ema, model, cfg.train.ema)
                 loss_sum += loss.detach() * len(y)
@@ -364,6 +391,9 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
                 seen += len(y)
                 if bar is not None:
                     bar.update(1)
+            if lookahead is not None:  # the epoch ends on the average (airbench)
+                with torch.no_grad():
+                    torch._foreach_copy_([v for v in model.state_dict().values() if v.is_floating_point()], lookahead)
             _sync(device)
             epoch_seconds = time.perf_counter() - t0
             if bar is not None:
