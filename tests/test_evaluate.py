@@ -216,3 +216,4 @@ def test_tta_views_and_predict_average_them():
     assert torch.allclose(logits, 0.5 * plain + 0.5 * moved, atol=1e-6)
     assert not torch.allclose(logits, plain, atol=1e-4)
     assert torch.allclose(predict(model, loader, tta=True)[0], plain, atol=1e-6)
+    assert not logits.requires_grad  # evaluation builds no autograd graph

@@ -513,6 +513,11 @@ def test_tta_averages_the_mirror(tmp_path, mnist_ok):
     ev = evaluate_run(out, "last", n_images=1)
     assert ev["tta"] is True and ev["accuracy"] == pytest.approx(acc, abs=1e-6)
     assert evaluate_run(out, "last", tta=False, n_images=1)["tta"] is False
+    shifted = train(tiny("train.tta_shift=1", "train.epochs=1"), tmp_path / "shifted")
+    ev = evaluate_run(tmp_path / "shifted", "last", n_images=1)
+    assert ev["tta"] is False and ev["tta_shift"] == 1
+    assert ev["accuracy"] == pytest.approx(shifted.history[-1]["val_acc"], abs=1e-6)
+    assert evaluate_run(tmp_path / "shifted", "last", tta=False, n_images=1)["tta_shift"] == 0  # --no-tta: none
 
 
 def test_label_smoothing_changes_the_loss(mnist_ok):

@@ -30,7 +30,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.no_grad()
 def tta_views(x: torch.Tensor, flip: bool, shift: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The views test-time augmentation averages: (the image and, with ``flip``, its mirror), and
     (with ``shift``) those views shifted by -``shift`` and +``shift`` pixels along the diagonal."""
@@ -58,7 +57,7 @@ def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float
     logits, labels = [], []
     try:
         for x, y in loader.epoch(None):
-            with autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype):
                 out = tta_logits(model, x, tta, tta_shift)
             logits.append(out.cpu())
             labels.append(y.cpu())
@@ -184,9 +183,11 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     ``tta=None`` evaluates as the run did (its ``train.tta``), so the numbers match its metrics."""
     run_dir = Path(run_dir)
     ckpt, model = load_run_model(run_dir, checkpoint)
-    if tta is None:
-        tta = bool(ckpt["config"].get("train", {}).get("tta", False))
-    tta_shift = int(ckpt["config"].get("train", {}).get("tta_shift", 0))
+    run_train = ckpt["config"].get("train", {})
+    if tta is None:  # as the run evaluated itself
+        tta, tta_shift = bool(run_train.get("tta", False)), int(run_train.get("tta_shift", 0))
+    else:  # True: the mirror (and the run's shift, if it had one); False: no TTA at all
+        tta_shift = int(run_train.get("tta_shift", 0)) if tta else 0
     images, split_name = load_eval_split(ckpt, split)
     info = ckpt["dataset"]
     classes = list(info["classes"])
