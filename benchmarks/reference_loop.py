@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cnnlab import config  # noqa: E402
 from cnnlab.data import load_dataset  # noqa: E402
+from cnnlab.evaluate import tta_logits  # noqa: E402
 from cnnlab.layers import Dropout  # noqa: E402
 from cnnlab.models import create_model  # noqa: E402
 from cnnlab.train import torch_threads, train  # noqa: E402
@@ -91,9 +92,9 @@ def reference_run(cfg: config.Config, seed: int) -> dict:
         train_seconds += time.perf_counter() - t0
         model.eval()
         correct = 0
-        with torch.no_grad():
+        with torch.no_grad():  # scored like cnnlab (the recipe's TTA, if any): only the training loops differ
             for x, y in test_loader:
-                correct += int((model(x).argmax(1) == y).sum())
+                correct += int((tta_logits(model, x, cfg.train.tta, cfg.train.tta_shift).argmax(1) == y).sum())
         acc = correct / len(test_set)
         print(f"  reference seed {seed} epoch {epoch}: acc {acc:.2%}, {train_seconds:.1f} s", flush=True)
         if cfg.train.target and acc >= cfg.train.target:
