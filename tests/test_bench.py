@@ -91,6 +91,7 @@ def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):
     assert data["target"] == 0.05 and data["runs"][0]["reached"] and data["recipe"] == str(RECIPE)
     md = (out / "bench.md").read_text()
     assert "cnnlab bench" in md and "| **median** |" in md and "GFLOP/s" in md
+    assert "--set train.epochs=2" in md and "--target 0.05" in md  # the exact command
 
 
 def test_bench_cli_bad_input(tmp_path, capsys):

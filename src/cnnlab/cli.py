@@ -130,7 +130,8 @@ def cmd_bench(args) -> None:
     res = bench.bench_recipe(cfg, list(range(args.seeds)), out / "runs", recipe=str(args.recipe))
     runs.write_json(out / "bench.json", res)
     md = bench.markdown(res)
-    runs.write_text(out / "bench.md", f"`cnnlab bench {args.recipe} --seeds {args.seeds}`\n\n{md}\n")
+    sets = "".join(f" --set {v}" for v in args.set) + (f" --target {args.target}" if args.target is not None else "")
+    runs.write_text(out / "bench.md", f"`cnnlab bench {args.recipe} --seeds {args.seeds}{sets}`\n\n{md}\n")
     print(md)
     print(f"wrote {out}/bench.json and bench.md")
 
