@@ -171,7 +171,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) 
                 g["momentum"] = momentum
 
 
-@torch.no_grad()
 def lookahead_update(avg: list | None, model: torch.nn.Module, step: int, total: int, decay: float,
                      every: int = 5, start: float = 0.3, power: float = 3.0) -> list | None:
     """airbench's lookahead, after optimizer step ``step`` (0-based) of ``total``: from ``start`` of
@@ -192,6 +191,7 @@ def lookahead_update(avg: list | None, model: torch.nn.Module, step: int, total:
     return avg
 
 
+@torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     ema_p = [p for p in ema.parameters()]
     torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - decay)
