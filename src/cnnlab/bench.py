@@ -140,7 +140,7 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines.append("")
     g = result["train_gflops"]["median"]
-    lines.append(f"training compute: {result['macs_per_image']:,} MACs/image x 6 = {g:.1f} GFLOP/s (median), "
+    lines.append(f"training compute: {result['macs_per_image']:,} MACs/image x {TRAIN_FLOPS_PER_MAC} = {g:.1f} GFLOP/s (median), "
                  f"{100 * g / result['peak_gflops']:.1f}% of this machine's {result['environment'].get('dtype')} "
                  f"2048x2048 matmul ({result['peak_gflops']:.0f} GFLOP/s)")
     lines.append("")

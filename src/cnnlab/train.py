@@ -171,6 +171,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) 
                 g["momentum"] = momentum
 
 
+def float_state(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The model's floating-point weights and buffers (BN statistics), sharing its storage."""
+    return [v for v in model.state_dict().values() if v.is_floating_point()]
+
+
 def lookahead_update(avg: list | None, model: torch.nn.Module, step: int, total: int, decay: float,
                      every: int = 5, start: float = 0.3, power: float = 3.0) -> list | None:
     """airbench's lookahead, after optimizer step ``step`` (0-based) of ``total``: from ``start`` of
@@ -181,7 +186,7 @@ def lookahead_update(avg: list | None, model: torch.nn.Module, step: int, total:
     done = step + 1
     if done < start * total or done % every:
         return avg
-    state = [v for v in model.state_dict().values() if v.is_floating_point()]
+    state = float_state(model)
     with torch.no_grad():
         if avg is None:
             return [v.detach().clone() for v in state]
@@ -393,7 +398,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
                     bar.update(1)
             if lookahead is not None:  # the epoch ends on the average (airbench)
                 with torch.no_grad():
-                    torch._foreach_copy_([v for v in model.state_dict().values() if v.is_floating_point()], lookahead)
+                    torch._foreach_copy_(float_state(model), lookahead)
             _sync(device)
             epoch_seconds = time.perf_counter() - t0
             if bar is not None:
