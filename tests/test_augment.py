@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.augment import Augment, Loader, cutout, denormalize, flip, normalize, random_crop, translate
+from cnnlab.augment import Augment, Loader, alternating_flip, cutout, denormalize, flip, normalize, random_crop, translate
 from cnnlab.data import load_dataset
 
 
@@ -256,3 +256,39 @@ def test_loader_normalises_real_mnist(data_root):
     std = (sq / count - mean ** 2) ** 0.5
     assert abs(mean) < 0.01 and abs(std - 1) < 0.01
     assert count == 60000 * 28 * 28
+
+
+def test_alternating_flip_follows_start_bits_and_epoch_parity():
+    x = batch(n=6, c=2, h=5, w=5)
+    start = torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.uint8)
+    before = x.clone()
+    odd, even = alternating_flip(x, start, 1), alternating_flip(x, start, 2)
+    assert torch.equal(x, before)  # input untouched
+    for i in range(6):
+        assert torch.equal(odd[i], x[i] if start[i] else x[i].flip(2))
+        assert torch.equal(even[i], x[i].flip(2) if start[i] else x[i])
+
+
+def test_loader_alternate_flip_shows_each_image_both_ways_over_two_epochs():
+    n = 64
+    images = batch(n=n, c=1, h=6, w=6)
+    loader = Loader(images, torch.arange(n), 16, [0.0], [1.0], shuffle=True, seed=3,
+                    augment=Augment(flip=True, alternate_flip=True))
+    g = gen(0)
+
+    def mirrored(epoch):  # label -> was the image mirrored this epoch
+        out = {}
+        for xb, yb in loader.epoch(g, epoch):
+            for xi, yi in zip(xb, yb):
+                src = normalize(images[yi:yi + 1], loader.mean, loader.std)[0]
+                assert torch.equal(xi, src) or torch.equal(xi, src.flip(2))
+                out[int(yi)] = not torch.equal(xi, src)
+        return out
+
+    e1, e2, e3 = mirrored(1), mirrored(2), mirrored(3)
+    assert sorted(e1) == list(range(n))
+    assert all(e1[i] != e2[i] for i in range(n)) and e1 == e3  # both ways in any two epochs
+    assert 16 < sum(e1.values()) < 48  # random start: about half mirrored first
+    same = Loader(images, torch.arange(n), 16, [0.0], [1.0], seed=3, augment=Augment(flip=True, alternate_flip=True))
+    other = Loader(images, torch.arange(n), 16, [0.0], [1.0], seed=4, augment=Augment(flip=True, alternate_flip=True))
+    assert torch.equal(same.flip_start, loader.flip_start) and not torch.equal(other.flip_start, loader.flip_start)

@@ -153,6 +153,7 @@ def test_epochs_must_be_at_least_one(tmp_path, epochs):
     ("[schedule]\npct_start = 1.0\n", "schedule.pct_start"),
     ('[schedule]\nname = "piecewise"\n', "needs knots and values"),
     ("[schedule]\nknots = [0, 1]\nvalues = [1]\n", "same length"),
+    ("[data]\nalternate_flip = true\n", "data.alternate_flip needs data.flip = true"),
 ])
 def test_out_of_range_values(tmp_path, text, needle):
     assert needle in error_of(tmp_path, text)

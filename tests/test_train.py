@@ -184,7 +184,8 @@ def check_checkpoints_score_what_was_recorded(out: Path, history: list[dict]) ->
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, interrupt_at_epoch, mnist_ok):
-    cfg = tiny("train.epochs=3")  # crop augmentation and dropout: both RNGs matter
+    # crop, alternating flip (epoch parity) and dropout: both RNGs and the epoch matter
+    cfg = tiny("train.epochs=3", "data.flip=true", "data.alternate_flip=true")
     full = train(cfg, tmp_path / "full")
     check_checkpoints_score_what_was_recorded(tmp_path / "full", full.history)
 

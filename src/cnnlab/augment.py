@@ -51,6 +51,14 @@ def flip(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
     return torch.where(mask, x.flip(3), x)
 
 
+def alternating_flip(x: torch.Tensor, start: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flip: mirror image i when ``start[i]`` (0/1 per image, drawn once per
+    run) differs from the parity of ``epoch``. Over any two consecutive epochs every image is seen
+    once mirrored and once not, where random flips repeat a view half of the time."""
+    mask = (start.to(torch.bool) ^ bool(epoch % 2))[:, None, None, None]
+    return torch.where(mask, x.flip(3), x)
+
+
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator, p: float = 1.0, fill: float = 0.0) -> torch.Tensor:
     """Erase a ``size`` x ``size`` square per image (with probability ``p``), set to ``fill``.
 
@@ -89,11 +97,16 @@ class Augment:
     flip: bool = False
     cutout: int = 0
     cutout_p: float = 1.0
+    alternate_flip: bool = False  # with ``flip``: mirror on alternate epochs (``alternating_flip``)
 
-    def uint8_part(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def uint8_part(self, x: torch.Tensor, gen: torch.Generator, flip_start: torch.Tensor | None = None,
+                   epoch: int = 1) -> torch.Tensor:
+        """Crop and flip; ``flip_start`` (the batch's start bits) is needed with ``alternate_flip``."""
         if self.crop_pad:
             x = random_crop(x, self.crop_pad, gen, self.crop_mode)
-        if self.flip:
+        if self.flip and self.alternate_flip:
+            x = alternating_flip(x, flip_start, epoch)
+        elif self.flip:
             x = flip(x, gen)
         return x
 
@@ -120,13 +133,14 @@ def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 class Loader:
     """Batches of (normalised images, labels) drawn by index from uint8 tensors on ``device``.
 
-    ``for x, y in loader.epoch(gen)`` runs one epoch: shuffled when ``shuffle``, augmented by
-    ``augment``, cast to ``dtype`` and optionally made channels_last.
+    ``for x, y in loader.epoch(gen, epoch)`` runs one epoch: shuffled when ``shuffle``, augmented
+    by ``augment``, cast to ``dtype`` and optionally made channels_last. With alternating flips,
+    each image's start bit is drawn once from ``seed``, so a resumed run flips as the original.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, *,
                  device="cpu", augment: Augment | None = None, shuffle: bool = False,
-                 drop_last: bool = False, dtype=torch.float32, channels_last: bool = False):
+                 drop_last: bool = False, dtype=torch.float32, channels_last: bool = False, seed: int = 0):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
@@ -137,6 +151,10 @@ class Loader:
         self.drop_last = drop_last
         self.dtype = dtype
         self.channels_last = channels_last
+        self.flip_start = None
+        if self.augment.flip and self.augment.alternate_flip:
+            bits = torch.randint(0, 2, (len(self.labels),), generator=torch.Generator().manual_seed(seed))
+            self.flip_start = bits.to(device=device, dtype=torch.uint8)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -147,7 +165,7 @@ class Loader:
         """Images one epoch trains on (a partial last batch is dropped with ``drop_last``)."""
         return len(self) * self.batch_size if self.drop_last else len(self.labels)
 
-    def epoch(self, gen: torch.Generator | None = None):
+    def epoch(self, gen: torch.Generator | None = None, epoch: int = 1):
         n = len(self.labels)
         if self.shuffle:
             order = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu")
@@ -156,13 +174,11 @@ class Loader:
             order = None
         for i in range(len(self)):
             sl = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
-            if order is None:
-                x, y = self.images[sl], self.labels[sl]
-            else:
-                idx = order[sl]
-                x, y = self.images[idx], self.labels[idx]
+            idx = sl if order is None else order[sl]
+            x, y = self.images[idx], self.labels[idx]
             if gen is not None:
-                x = self.augment.uint8_part(x, gen)
+                start = None if self.flip_start is None else self.flip_start[idx]
+                x = self.augment.uint8_part(x, gen, start, epoch)
             x = normalize(x, self.mean, self.std, torch.float32)
             if gen is not None:
                 x = self.augment.float_part(x, gen)

@@ -35,6 +35,7 @@ class DataConfig:
     crop_pad: int = 0  # pad-and-random-crop by this many pixels
     crop_mode: str = "zeros"  # "zeros" or "reflect"
     flip: bool = False  # random horizontal flip
+    alternate_flip: bool = False  # with flip: mirror each image on every other epoch (airbench)
     cutout: int = 0  # side of the random erased square (0 = off)
     cutout_p: float = 1.0
 
@@ -192,6 +193,7 @@ def validate(cfg: Config) -> None:
         (cfg.schedule.gamma > 0, f"schedule.gamma = {cfg.schedule.gamma}: must be > 0"),
         (cfg.schedule.warmup_epochs >= 0, f"schedule.warmup_epochs = {cfg.schedule.warmup_epochs}: must be >= 0"),
         (0 <= cfg.data.cutout_p <= 1, f"data.cutout_p = {cfg.data.cutout_p}: must be in [0, 1]"),
+        (cfg.data.flip or not cfg.data.alternate_flip, "data.alternate_flip needs data.flip = true"),
         (cfg.train.threads >= 0, f"train.threads = {cfg.train.threads}: must be >= 0 (0 = torch's default)"),
         (cfg.train.patience >= 0, f"train.patience = {cfg.train.patience}: must be >= 0"),
 

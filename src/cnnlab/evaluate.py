@@ -121,18 +121,9 @@ class Evaluation:
     std: tuple[float, ...]
 
 
-def check_run_dir(run_dir: Path) -> Path:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CnnlabError(f"{run_dir}: no such run directory; list runs with `cnnlab runs`")
-    if not (run_dir / "config.toml").is_file():
-        raise CnnlabError(f"{run_dir}: not a cnnlab run (no config.toml); pass a directory made by `cnnlab train`")
-    return run_dir
-
-
 def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[dict, torch.nn.Module]:
     """The checkpoint dict and the rebuilt model, in eval mode on CPU."""
-    ckpt = runs.load_checkpoint(check_run_dir(run_dir), checkpoint)
+    ckpt = runs.load_checkpoint(runs.existing_run(run_dir), checkpoint)
     return ckpt, runs.model_from_checkpoint(ckpt).eval()
 
 

@@ -218,7 +218,7 @@ def build_html(run_dir: Path, result: dict, rows: list[dict], ev: dict) -> str:
 
 def write_report(run_dir: str | Path, log=lambda *a, **k: None) -> Path:
     """Write ``report.html`` in the run (evaluating it first when eval.json or pictures are missing)."""
-    run_dir = evaluate.check_run_dir(run_dir)
+    run_dir = runs.existing_run(run_dir)
     result = runs.read_result(run_dir)
     rows = runs.read_metrics(run_dir)
     if _needs_evaluation(run_dir):
@@ -302,7 +302,7 @@ def compare(run_dirs: list[str | Path], out: str | Path = "compare.png") -> tupl
         raise CnnlabError("compare needs at least one run directory, e.g. cnnlab compare runs/a runs/b")
     named, rows = [], []
     for d in map(Path, run_dirs):
-        evaluate.check_run_dir(d)
+        runs.existing_run(d)
         metrics = runs.read_metrics(d)
         if not metrics:
             raise CnnlabError(f"{d}: no metrics.jsonl rows; the run has not finished an epoch")

@@ -18,6 +18,16 @@ from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 
 
+def existing_run(run_dir) -> Path:
+    """``run_dir`` as a Path, after checking it is a run directory made by ``cnnlab train``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CnnlabError(f"{run_dir}: no such run directory; list runs with `cnnlab runs`")
+    if not (run_dir / "config.toml").is_file():
+        raise CnnlabError(f"{run_dir}: not a cnnlab run (no config.toml); pass a directory made by `cnnlab train`")
+    return run_dir
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 

@@ -145,10 +145,12 @@ def setup(cfg: Config, log=print) -> Setup:
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, num_classes=ds.num_classes, **cfg.model.options)
     summary = summarize(model, input_shape=ds.shape)  # raises a clear error when the shape does not fit
-    aug = Augment(cfg.data.crop_pad, cfg.data.crop_mode, cfg.data.flip, cfg.data.cutout, cfg.data.cutout_p)
+    aug = Augment(cfg.data.crop_pad, cfg.data.crop_mode, cfg.data.flip, cfg.data.cutout, cfg.data.cutout_p,
+                  cfg.data.alternate_flip)
     common = dict(device=device, channels_last=cfg.train.channels_last)
     train_loader = Loader(ds.train.images, ds.train.labels, cfg.data.batch_size, ds.mean, ds.std,
-                          augment=aug, shuffle=True, drop_last=len(ds.train) > cfg.data.batch_size, **common)
+                          augment=aug, shuffle=True, drop_last=len(ds.train) > cfg.data.batch_size,
+                          seed=cfg.train.seed, **common)
     eval_loader = Loader(ds.test.images, ds.test.labels, cfg.data.eval_batch_size, ds.mean, ds.std, **common)
     model.to(device)
     if cfg.train.channels_last:
@@ -242,7 +244,8 @@ RUN_FILES = ("config.toml", "metrics.jsonl", "result.json", "last.pt", "best.pt"
 KEEP = ("lr_find.json", "lr_find.png")
 
 
-def check_run_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into ``out`` when it holds another run, unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise CnnlabError(f"--out {out}: a file, not a directory; pass a directory such as runs/NAME")
     others = [p for p in out.iterdir() if p.name not in KEEP] if out.is_dir() else []
@@ -291,7 +294,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
         out = out.parent if out.is_file() else out
         cfg = config_mod.from_dict(ckpt["config"])
     elif out is not None:
-        check_run_dir(out, overwrite)
+        check_out_dir(out, overwrite)
     quiet = cfg.train.quiet
     say = (lambda *a, **k: None) if quiet else log
     s = setup(cfg, log=say)
@@ -378,7 +381,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             _sync(device)
             t0 = time.perf_counter()
             bar = _progress(steps_per_epoch, epoch, quiet)
-            for step_in_epoch, (x, y) in enumerate(s.train_loader.epoch(gen)):
+            for step_in_epoch, (x, y) in enumerate(s.train_loader.epoch(gen, epoch)):
                 step = (epoch - 1) * steps_per_epoch + step_in_epoch
                 lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
                 set_lr(opt, lr, mom)
