@@ -205,6 +205,11 @@ def md5_bytes(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def is_release_file(info: DatasetInfo, name: str, data: bytes) -> bool:
+    """Whether ``data`` is the release file ``name`` (IDX: its uncompressed bytes), by published md5."""
+    return md5_bytes(data) == info.md5.get(name)
+
+
 def md5_file(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -258,7 +263,7 @@ def read_idx_dataset(info: DatasetInfo, folder: Path) -> tuple[dict[str, np.ndar
             raise CnnlabError(f"{folder / stem}: missing; expected the file (raw or .gz) from the "
                               f"{info.name} release: run `cnnlab data get {info.name}`")
         data = read_idx_bytes(path)
-        verified &= md5_bytes(data) == info.md5[stem]
+        verified &= is_release_file(info, stem, data)
         arrays[key] = parse_idx(data, path)
         want = 3 if key.endswith("images") else 1
         if arrays[key].ndim != want:
@@ -311,7 +316,7 @@ def cifar_batch(obj: dict, path: str, label_key: bytes) -> tuple[np.ndarray, np.
 
 def read_cifar_files(info: DatasetInfo, files: dict[str, bytes], where: str):
     """Arrays from the raw bytes of CIFAR release files (keyed by file name)."""
-    verified = all(md5_bytes(files[n]) == info.md5.get(n) for n in files)
+    verified = all(is_release_file(info, n, files[n]) for n in files)
     out = {}
     for part, names in (("train", CIFAR_TRAIN[info.name]), ("test", CIFAR_TEST[info.name])):
         present = [n for n in names if n in files]
@@ -656,10 +661,11 @@ def _mismatched(info: DatasetInfo, folder: Path) -> list[str]:
     bad = []
     for f in sorted(folder.iterdir()):
         stem = f.name[:-3] if info.kind == "idx" and f.name.endswith(".gz") else f.name
-        if stem in info.md5:
-            got = md5_bytes(read_idx_bytes(f) if info.kind == "idx" else f.read_bytes())
-            if got != info.md5[stem]:
-                bad.append(f"{f.name}: md5 {got}, expected {info.md5[stem]}")
+        if stem not in info.md5:
+            continue
+        data = read_idx_bytes(f) if info.kind == "idx" else f.read_bytes()
+        if not is_release_file(info, stem, data):
+            bad.append(f"{f.name}: md5 {md5_bytes(data)}, expected {info.md5[stem]}")
     return bad
 
 
@@ -669,7 +675,7 @@ def _try_downloads(info: DatasetInfo, staging: Path, timeout: float, errors: lis
             if info.kind == "idx":
                 for stem in IDX_FILES.values():
                     _download(f"{url}{stem}.gz", staging / f"{stem}.gz", timeout)
-                    if md5_bytes(gzip.decompress((staging / f"{stem}.gz").read_bytes())) != info.md5[stem]:
+                    if not is_release_file(info, stem, gzip.decompress((staging / f"{stem}.gz").read_bytes())):
                         raise ValueError(f"checksum mismatch for {stem}.gz")
             else:
                 archive = staging.parent / "archive.tar.gz"
