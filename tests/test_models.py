@@ -79,6 +79,19 @@ def test_resnet_custom_downsample_variants(downsample):
     assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, 512, 4, 4)
 
 
+def test_airbench_whitening_bias_trains_for_its_epochs_only():
+    model = create_model("airbench94", whiten_bias_epochs=2)
+    bias = model.features[0].bias
+    states = []
+    for epoch in (1, 2, 3, 9, 2):  # the last: a run resumed earlier trains it again
+        model.start_epoch(epoch)
+        states.append(bias.requires_grad)
+    assert states == [True, True, False, False, True]
+    assert create_model("airbench94").whiten_bias_epochs == 3  # airbench's default
+    with pytest.raises(CnnlabError, match="whiten_bias_epochs"):
+        create_model("airbench94", whiten_bias_epochs=1.5)
+
+
 def test_airbench_whitening_frozen_and_whitens():
     torch.manual_seed(0)
     # correlated neighbouring pixels, so the raw 2x2 patches are far from white

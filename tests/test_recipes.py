@@ -71,3 +71,24 @@ def test_full_width_resnet_recipe_reduces_the_loss_over_256_steps(name, tmp_path
     assert len(losses) == 4  # 4 epochs x 512 / 8 = 256 steps
     assert losses[-1] < 0.8 * losses[0], losses
     assert runs.load_checkpoint(tmp_path / name, "last")["epoch"] == 4
+
+
+def test_airbench_whitening_bias_stops_training_after_its_epochs_across_a_resume(tmp_path, interrupt_at_epoch, cifar):
+    """whiten_bias_epochs=1: the bias moves in epoch 1 (from zero) and not after, also when the run
+    resumes at epoch 2; the other weights keep training. Lookahead off, so only the optimizer moves weights."""
+    cfg = load_recipe(RECIPES / "airbench94.toml", SMALL + ["train.epochs=3", "model.whiten_bias_epochs=1",
+                                                            "train.lookahead=0"])
+    out = tmp_path / "air"
+    disarm = interrupt_at_epoch(2)
+    with pytest.raises(train_mod.Interrupted):
+        train(cfg, out)
+    disarm()
+    first = runs.load_checkpoint(out, "last")
+    assert first["epoch"] == 1
+    train(None, out, resume=True)
+    final = runs.load_checkpoint(out, "last")
+    assert final["epoch"] == 3
+    bias = "features.0.bias"
+    assert first["state_dict"][bias].abs().sum() > 0  # it trained in epoch 1
+    assert torch.equal(final["state_dict"][bias], first["state_dict"][bias])
+    assert not torch.equal(final["state_dict"]["head.1.weight"], first["state_dict"]["head.1.weight"])

@@ -76,6 +76,8 @@ def _check_options(spec: ModelSpec, options: dict) -> None:
             raise CnnlabError(f"pool={value!r} for {spec.name!r} is not valid; use 'avg' or 'max'")
         if key in ("scale", "bn_momentum_keras") and not isinstance(value, (int, float)):
             raise CnnlabError(f"{key}={value!r} for {spec.name!r} must be a number")
+        if key == "whiten_bias_epochs" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise CnnlabError(f"whiten_bias_epochs={value!r} for {spec.name!r} must be a whole number of epochs >= 0")
     if "bn_momentum_keras" in options and not 0 <= options["bn_momentum_keras"] < 1:
         raise CnnlabError("bn_momentum_keras must be in [0, 1) (Keras convention: moving = m*moving + (1-m)*batch)")
     if "scale" in options and options["scale"] <= 0:
@@ -322,7 +324,15 @@ def _air_group(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class AirbenchNet(Net):
-    """``features[0]`` is the 2x2 patch-whitening conv; call ``init_from_data`` before training."""
+    """``features[0]`` is the 2x2 patch-whitening conv; call ``init_from_data`` before training.
+    Its bias trains for the first ``whiten_bias_epochs`` epochs only (``start_epoch``)."""
+
+    whiten_bias_epochs = 3
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each epoch (1-based): freezes the whitening bias after
+        ``whiten_bias_epochs`` epochs, as airbench does (also after a resume)."""
+        self.features[0].bias.requires_grad_(epoch <= self.whiten_bias_epochs)
 
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the whitening conv from 2x2 patches of ``images`` (N, C, H, W, normalized) and freeze it.
@@ -348,12 +358,14 @@ class AirbenchNet(Net):
 
 @register("airbench94", (3, 32, 32), "airbench paper (Jordan 2024)", "airbench94: whitening conv + 3 conv groups, GELU",
           budget=(1_960_000, 1_980_000))
-def airbench94(num_classes: int = 10, scale: float = 1 / 9) -> nn.Module:
-    """Frozen 2x2 whitening conv 3 -> 24 (no padding, 32 -> 31), GELU, conv groups 64/256/256
-    (conv-MaxPool-BN-GELU-conv-BN-GELU, 31 -> 15 -> 7 -> 3), global max pool, Linear(256, classes,
-    bias=False), times ``scale``."""
+def airbench94(num_classes: int = 10, scale: float = 1 / 9, whiten_bias_epochs: int = 3) -> nn.Module:
+    """Frozen 2x2 whitening conv 3 -> 24 (no padding, 32 -> 31; its bias trains for the first
+    ``whiten_bias_epochs`` epochs), GELU, conv groups 64/256/256 (conv-MaxPool-BN-GELU-conv-BN-GELU,
+    31 -> 15 -> 7 -> 3), global max pool, Linear(256, classes, bias=False), times ``scale``."""
     whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
     whiten.weight.requires_grad_(False)
     features = nn.Sequential(whiten, nn.GELU(), _air_group(24, 64), _air_group(64, 256), _air_group(256, 256))
     head = nn.Sequential(GlobalPool("max"), nn.Linear(256, num_classes, bias=False), Mul(scale))
-    return AirbenchNet(features, head)
+    net = AirbenchNet(features, head)
+    net.whiten_bias_epochs = whiten_bias_epochs
+    return net

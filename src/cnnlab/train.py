@@ -375,6 +375,8 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             model.train()
+            if hasattr(model, "start_epoch"):  # a model's own per-epoch rule (airbench: freeze the whitening bias)
+                model.start_epoch(epoch)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
