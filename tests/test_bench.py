@@ -101,6 +101,14 @@ def test_bench_cli_bad_input(tmp_path, capsys):
     assert "train.target" in capsys.readouterr().err
     assert cli.main(["bench", str(RECIPE), "--seeds", "0", "--out", str(tmp_path)]) == 2
     assert "at least 1 seed" in capsys.readouterr().err
+    for argv, needle in [(["--throughput", "mnist_8k", "--batch-size", "-5"], "--batch-size -5"),
+                         (["--throughput", "mnist_8k", "--batch-size", "0"], "batch size >= 1"),
+                         ([str(RECIPE), "--batch-size", "64"], "only with --throughput"),
+                         ([str(RECIPE), "--throughput", "mnist_8k"], "drop the recipe")]:
+        assert cli.main(["bench", *argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_throughput_rows():

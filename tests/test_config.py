@@ -98,6 +98,8 @@ def test_unknown_table(tmp_path):
 def test_key_that_is_not_a_table(tmp_path):
     msg = error_of(tmp_path, "optim = 3\n")
     assert "optim" in msg and "table" in msg
+    msg = error_of(tmp_path, 'model = "resnet9"\n', ["model.scale=0.1"])  # an easy slip for [model]
+    assert "'model' must be a table [model]" in msg and "--set model.scale" in msg
 
 
 def test_model_options_go_to_the_model(tmp_path):

@@ -217,3 +217,20 @@ def test_tta_views_and_predict_average_them():
     assert not torch.allclose(logits, plain, atol=1e-4)
     assert torch.allclose(predict(model, loader, tta=True)[0], plain, atol=1e-6)
     assert not logits.requires_grad  # evaluation builds no autograd graph
+
+
+def test_evaluate_uses_the_runs_precision(tmp_path):
+    """A bfloat16 run is evaluated under bfloat16 autocast, as training evaluated it: the same
+    accuracy and loss (evaluating in float32 moves both)."""
+    overrides = [o for o in TINY_OVERRIDES if "dtype" not in o] + ['train.dtype="bfloat16"']
+    threads = torch.get_num_threads()
+    try:
+        train.train(config.load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mnist_tiny.toml",
+                                       overrides), tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    ev = evaluate.evaluate_run(tmp_path / "run", split="val", n_images=1, out_dir=tmp_path)
+    assert ev["dtype"] == "bfloat16"
+    assert ev["accuracy"] == pytest.approx(result["best_val_acc"], abs=1e-6)
+    assert ev["loss"] == pytest.approx(result["final_val_loss"], rel=1e-5)

@@ -8,6 +8,7 @@ Training uses one CPU thread: deterministic, and much faster than two when the c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from cnnlab.config import load_recipe
 from cnnlab.data import load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import loss_and_accuracy, predict
+from cnnlab.models import create_model
 from cnnlab.summary import summarize
 from cnnlab.train import Interrupted, train
 
@@ -324,6 +326,7 @@ def _args(*sets: str) -> list[str]:
 def bad_train_cases(tmp_path: Path, writers) -> dict[str, tuple[list, list[str]]]:
     """name -> (argv after ``train``, needles); the run directory is appended as --out ... --overwrite."""
     imgs = writers.write_image_folder(tmp_path / "small-gray", mode="L", size=8, per_class=2, layout="split")
+    big = writers.write_image_folder(tmp_path / "big-rgb", size=64, per_class=2, layout="split")
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("[optim\nlr = 0.1\n")
     return {
@@ -343,6 +346,10 @@ def bad_train_cases(tmp_path: Path, writers) -> dict[str, tuple[list, list[str]]
         "input size": ([TINY_RECIPE, *_args(f"data.dataset={imgs.root}", f"data.root={tmp_path / 'cache'}",
                                             "data.batch_size=2", "data.val_split=0", "data.subset=0")],
                        ["does not fit the model"]),
+        "output size": ([ROOT / "recipes" / "cifar_dw56k.toml",
+                         *_args(f"data.dataset={big.root}", f"data.root={tmp_path / 'cache'}", "data.batch_size=2",
+                                "data.val_split=0", "data.subset=0")],
+                        ["cifar_dw56k gives outputs of shape", "not 3 class scores", "global pooling"]),
         "unknown model": ([TINY_RECIPE, *_args("model.name=mnist_tiniest")], ["unknown model 'mnist_tiniest'"]),
         "recipe missing": ([tmp_path / "nope.toml"], ["nope.toml", "no such file"]),
         "not toml": ([bad_toml], ["bad.toml", "not valid TOML"]),
@@ -414,9 +421,11 @@ def test_resume_with_a_recipe_is_refused(tmp_path, capsys, existing_run):
     run = tmp_path / "run"
     shutil.copytree(existing_run, run)
     before = snapshot(run)
-    rc, _, err = run_cli(capsys, "train", TINY_RECIPE, "--resume", run)
-    assert_one_line_error(rc, err, "--resume")
-    assert snapshot(run) == before
+    for argv in ([TINY_RECIPE, "--resume", run], ["--resume", run, "--out", tmp_path / "elsewhere"],
+                 ["--resume", run, "--overwrite"]):
+        rc, _, err = run_cli(capsys, "train", *argv)
+        assert_one_line_error(rc, err, "--resume", "pass only --resume RUN_DIR")
+    assert snapshot(run) == before and not (tmp_path / "elsewhere").exists()
 
 
 # ----------------------------------------------------------------------------- stops: target and patience
@@ -731,17 +740,73 @@ def test_lookahead_update_follows_the_airbench_rule():
     assert torch.allclose(avg[0], expected) and torch.allclose(w.detach(), expected)
 
 
+def float_keys(ckpt: dict) -> list[str]:
+    return [k for k, v in ckpt["state_dict"].items() if v.is_floating_point()]
+
+
 def test_lookahead_run_resumes_exactly_and_changes_training(tmp_path, interrupt_at_epoch, mnist_ok):
     cfg = tiny("train.epochs=3", "train.lookahead=0.95", "data.batch_size=32")
     full = train(cfg, tmp_path / "full")
-    assert runs.load_checkpoint(tmp_path / "full")["lookahead"] is not None
+    end = runs.load_checkpoint(tmp_path / "full")
+    # 16 steps per epoch, averaging every 5 from step 15: training ends on the average (airbench),
+    # but an epoch that is not the last keeps the steps made since the last average
+    assert same_state(dict(zip(float_keys(end), end["lookahead"])), {k: end["state_dict"][k] for k in float_keys(end)})
     disarm = interrupt_at_epoch(3)
     with pytest.raises(Interrupted):
         train(cfg, tmp_path / "cut")
     disarm()
+    mid = runs.load_checkpoint(tmp_path / "cut")
+    assert mid["epoch"] == 2
+    assert not same_state(dict(zip(float_keys(mid), mid["lookahead"])),
+                          {k: mid["state_dict"][k] for k in float_keys(mid)})
     resumed = train(None, tmp_path / "cut", resume=True)
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
     assert same_state(runs.load_checkpoint(tmp_path / "full")["state_dict"],
                       runs.load_checkpoint(tmp_path / "cut")["state_dict"])
     plain = train(tiny("train.epochs=3", "data.batch_size=32"), None)
     assert plain.history[-1]["val_loss"] != full.history[-1]["val_loss"]
+
+
+def test_optimizer_groups_follow_airbench():
+    """Only normalisation-layer parameters get bias_lr_scale (airbench's BatchNorm biases); the
+    whitening conv's bias keeps the base LR and the full decay; frozen weights are left out."""
+    cfg = load_recipe(ROOT / "recipes" / "airbench94.toml", [])
+    model = create_model("airbench94")
+    opt = train_mod.build_optimizer(model, cfg.optim)
+    whiten_bias = model.features[0].bias
+    norms = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    by_scale = {g["lr_scale"]: g for g in opt.param_groups}
+    assert set(by_scale) == {1.0, cfg.optim.bias_lr_scale}
+    norm_group = by_scale[cfg.optim.bias_lr_scale]
+    assert {id(p) for p in norm_group["params"]} == {id(p) for p in norms}
+    assert norm_group["weight_decay"] == pytest.approx(cfg.optim.weight_decay / cfg.optim.bias_lr_scale)
+    base = [g for g in opt.param_groups if any(p is whiten_bias for p in g["params"])]
+    assert len(base) == 1 and base[0]["lr_scale"] == 1.0 and base[0]["weight_decay"] == cfg.optim.weight_decay
+    grouped = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    assert id(model.features[0].weight) not in grouped  # the frozen whitening filters
+    no_decay = copy.deepcopy(cfg.optim)
+    no_decay.decay_bn_and_bias = False
+    groups = train_mod.build_optimizer(model, no_decay).param_groups
+    assert [g["weight_decay"] for g in groups] == [cfg.optim.weight_decay, 0.0, 0.0]
+
+
+def test_interrupt_during_evaluation_reports_only_what_last_pt_holds(tmp_path, monkeypatch, mnist_ok):
+    """Ctrl-C in epoch 2's evaluation (its training seconds already counted): result.json gives
+    the seconds, best accuracy and target of epoch 1, as last.pt and metrics.jsonl do."""
+    real_predict, calls = train_mod.predict, []
+
+    def predict(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(train_mod, "predict", predict)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(tiny("train.epochs=3", "train.target=0.01"), out)
+    result, ckpt = json.loads((out / "result.json").read_text()), runs.load_checkpoint(out, "last")
+    assert ckpt["epoch"] == 1 and result["epochs_run"] == 1
+    assert result["train_seconds"] == ckpt["state"]["train_seconds"] == runs.read_metrics(out)[0]["train_seconds"]
+    assert result["time_to_target_s"] == ckpt["state"]["time_to_target_s"] and result["target_epoch"] == 1

@@ -1,7 +1,8 @@
 """Time-to-accuracy benchmarks in the spirit of DAWNBench, and raw training throughput.
 
 ``bench_recipe`` trains a recipe once per seed and reports the training time to the target
-accuracy (evaluation excluded, data already cached, as airbench counts it), final accuracy,
+accuracy (evaluation excluded and data already cached, as airbench counts it; unlike airbench,
+no warm-up run, so one-off costs such as ``torch.compile`` count in the first epoch), final accuracy,
 training images/s, seconds per epoch and peak memory. ``throughput`` times forward+backward
 steps of zoo models under each precision / memory-format setting.
 """
@@ -20,10 +21,10 @@ import torch.nn.functional as F
 
 from cnnlab import runs
 from cnnlab.config import Config
-from cnnlab.evaluate import autocast
+from cnnlab.evaluate import DTYPES, autocast
 from cnnlab.models import create_model, get_spec, list_models
 from cnnlab.summary import summarize
-from cnnlab.train import DTYPES, resolve_device, torch_threads, train
+from cnnlab.train import resolve_device, sync, torch_threads, train
 
 # Training FLOPs per image = 6 x MACs: the forward pass is 2 FLOPs per MAC, the backward pass twice
 # the forward (gradients for inputs and for weights); element-wise work (BN, ReLU) is not counted.
@@ -41,18 +42,13 @@ def matmul_peak_gflops(dtype: str = "bfloat16", device: str = "cpu", n: int = 20
     b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
     times = []
     for i in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         if i:
             times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def train_gflops(macs_per_image: int, images_per_s: float) -> float:
@@ -68,14 +64,13 @@ def _stats(values: list[float]) -> dict:
 def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=print, recipe: str | None = None) -> dict:
     """Train ``cfg`` once per seed (quietly) and summarise time-to-target and accuracy."""
     per_seed = []
-    macs = summarize(cfg.model.name, **cfg.model.options).macs
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.train.seed = seed
         c.train.quiet = True
         run_dir = out / f"seed{seed}" if out is not None else None
         res = train(c, run_dir, overwrite=True).result
-        n_train = res["images_per_epoch"]
+        n_train, macs = res["images_per_epoch"], res["macs_per_image"]
         row = {
             "seed": seed,
             "final_acc": res["final_val_acc"],
@@ -175,14 +170,14 @@ def throughput(models: list[str] | None = None, batch_size: int | None = None, s
             dtype = DTYPES[dtype_name]
             times = []
             for i in range(steps + 1):
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 with autocast(torch.device(device), dtype):
                     loss = F.cross_entropy(model(x).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                _sync(device)
+                sync(device)
                 if i:  # the first step warms up
                     times.append(time.perf_counter() - t0)
             sec = statistics.median(times)

@@ -40,8 +40,9 @@ def cmd_train(args) -> int:
     from cnnlab import config, train
 
     if args.resume:
-        if args.recipe or args.set:
-            raise CnnlabError("--resume continues a run with its saved config; pass only --resume RUN_DIR")
+        if args.recipe or args.set or args.out or args.overwrite or args.quiet:
+            raise CnnlabError("--resume continues a run in its own directory with its saved config; "
+                              "pass only --resume RUN_DIR")
         out = args.resume
         cfg = None
     else:
@@ -110,6 +111,12 @@ def cmd_bench(args) -> None:
     from cnnlab import bench, config, runs
 
     out = Path(args.out)
+    if args.batch_size is not None and (args.throughput is None or args.batch_size < 1):
+        raise CnnlabError(f"--batch-size {args.batch_size}: give a batch size >= 1, and only with --throughput "
+                          f"(a recipe benchmark uses the recipe's data.batch_size; change it with --set)")
+    if args.throughput is not None and (args.recipe or args.set or args.target is not None):
+        raise CnnlabError("--throughput measures zoo models by name, e.g. --throughput mnist_tiny; "
+                          "drop the recipe, --set and --target (or drop --throughput to benchmark the recipe)")
     if args.throughput is not None:
         rows = bench.throughput(args.throughput or None, batch_size=args.batch_size, device=args.device)
         out.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     decay_bn_and_bias: bool = True  # False: no weight decay on BatchNorm and bias parameters
-    bias_lr_scale: float = 1.0  # LR multiplier for BatchNorm and bias parameters (airbench: 64)
+    bias_lr_scale: float = 1.0  # LR multiplier (and 1/x decay) for normalisation-layer parameters (airbench: 64)
     decay: float = 0.0  # Keras-style decay: lr / (1 + decay * iterations)
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -257,7 +257,11 @@ def apply_override(raw: dict, item: str) -> None:
             where = f"in {', '.join(owners)}" if owners else "in no table"
             raise CnnlabError(f"--set {key}: the key is {where}; write it as table.key, e.g. optim.lr=0.1")
         section, name = owners[0], key
-    raw.setdefault(section, {})[name] = value
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise CnnlabError(f"'{section}' must be a table [{section}] (the recipe sets {section} = {table!r}), "
+                          f"so --set {key} has nowhere to go")
+    table[name] = value
 
 
 def to_dict(cfg: Config) -> dict:

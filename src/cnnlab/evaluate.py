@@ -20,7 +20,11 @@ import torch.nn.functional as F
 from cnnlab import runs
 from cnnlab.augment import Loader, translate
 from cnnlab.data import Split, load_dataset
+from cnnlab.models import model_device
 from cnnlab.errors import CnnlabError
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -53,7 +57,7 @@ def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float
     (mirror) or ``tta_shift`` (translation) the logits are ``tta_logits``."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     logits, labels = [], []
     try:
         for x, y in loader.epoch(None):
@@ -184,8 +188,11 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     classes = list(info["classes"])
     batch = int(ckpt["config"].get("data", {}).get("eval_batch_size", 1000) or 1000)
     loader = Loader(images.images, images.labels, batch, info["mean"], info["std"])
+    dtype = DTYPES.get(run_train.get("dtype", "float32"), torch.float32)
+    if dtype == torch.float16 and model_device(model).type == "cpu":  # fp16 is a GPU format: float32 here
+        dtype = torch.float32
     try:
-        logits, labels = predict(model, loader, tta=tta, tta_shift=tta_shift)
+        logits, labels = predict(model, loader, tta=tta, dtype=dtype, tta_shift=tta_shift)
     except RuntimeError as e:
         raise CnnlabError(f"model {ckpt['model_name']} cannot run on {info['name']} images "
                           f"({str(e).splitlines()[0]}); the checkpoint does not match its dataset") from None
@@ -193,7 +200,8 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     loss = float(per_sample_loss(logits, labels).mean())
     summary = {
         "run": str(run_dir), "checkpoint": checkpoint, "epoch": ckpt.get("epoch"), "split": split_name,
-        "dataset": info["name"], "model": ckpt["model_name"], "tta": bool(tta), "tta_shift": tta_shift, "loss": loss, **m,
+        "dataset": info["name"], "model": ckpt["model_name"], "tta": bool(tta), "tta_shift": tta_shift,
+        "dtype": str(dtype).removeprefix("torch."), "loss": loss, **m,
         "top_losses": top_losses(logits, labels, classes, n_images),
     }
     runs.write_json(Path(out_dir or run_dir) / "eval.json", summary)

@@ -25,12 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models import MODELS
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+from cnnlab.models import MODELS, model_device
 
 
 def _default_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
@@ -76,7 +71,7 @@ def _output_hooks(modules: dict[str, nn.Module]):
 def output_shapes(model: nn.Module, input_shape) -> tuple[dict[str, tuple], list[str]]:
     """Output shape of every named submodule for one zero image, and the order they ran in."""
     modules = {n: m for n, m in model.named_modules() if n}
-    x = torch.zeros(1, *input_shape, device=_model_device(model))
+    x = torch.zeros(1, *input_shape, device=model_device(model))
     with _output_hooks(modules) as (outputs, order), _mode(model, False), torch.no_grad():
         model(x)
     return {n: tuple(outputs[n].shape) for n in order}, order
@@ -183,7 +178,7 @@ class GradCAM:
             raise CnnlabError(f"GradCAM input has shape {tuple(x.shape)}; expected [N, C, H, W] or [C, H, W]")
         if not self._handles:
             self._attach(tuple(x.shape[1:]))
-        inp = x.detach().clone().to(_model_device(self.model)).float().requires_grad_(True)
+        inp = x.detach().clone().to(model_device(self.model)).float().requires_grad_(True)
         with _mode(self.model, False), torch.enable_grad():
             logits = self.model(inp)
             if classes is None:
@@ -223,7 +218,7 @@ def activations(model: nn.Module, x: torch.Tensor, layers: list[str] | None = No
         valid = ", ".join(n for n in named if n)
         raise CnnlabError(f"unknown layer {unknown[0]!r}; valid layers: {valid}")
     x = x[None] if x.dim() == 3 else x
-    inp = x.detach().to(_model_device(model)).float()
+    inp = x.detach().to(model_device(model)).float()
     with _output_hooks({n: named[n] for n in layers}) as (outputs, _), _mode(model, False), torch.no_grad():
         model(inp)
     return {n: outputs[n].cpu() for n in layers if n in outputs}

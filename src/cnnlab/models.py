@@ -54,6 +54,13 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters (or, without any, its buffers) live; CPU for an empty model."""
+    t = next(model.parameters(), None)
+    t = t if t is not None else next(model.buffers(), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         near = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.3)

@@ -20,7 +20,7 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import GlobalPool, Residual
-from cnnlab.models import MODELS, create_model, get_spec
+from cnnlab.models import MODELS, create_model, get_spec, model_device
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -46,6 +46,7 @@ class Summary:
     input_shape: tuple
     model_name: str = ""
     receptive_field: int | None = None  # RF of the last layer that has one
+    output_shape: tuple = ()  # the model's output for one image, e.g. (10,)
 
     def to_text(self) -> str:
         head = ("Layer (type)", "Output Shape", "Param #", "RF", "Jump")
@@ -221,12 +222,11 @@ def summarize(model_or_name, input_shape=None, **options) -> Summary:
         raise CnnlabError(f"input_shape {input_shape} must be (C, H, W) with positive sizes")
     was_training = model.training
     model.eval()
-    param = next(model.parameters(), None)
-    x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+    x = torch.zeros(1, *input_shape, device=model_device(model))
     try:
         with _recording(model) as (records, state), torch.no_grad():
             try:
-                model(x)
+                y = model(x)
             except RuntimeError as err:
                 raise _explain(err, state, input_shape) from err
     finally:
@@ -240,7 +240,8 @@ def summarize(model_or_name, input_shape=None, **options) -> Summary:
         rows.append(Row(lname, type(m).__name__, oshape[1:], _own_params(m), rf, jump))
     total, trainable, non_trainable = count_params(model)
     final_rf = next((r.rf for r in reversed(rows) if r.rf is not None), None)
-    return Summary(rows, total, trainable, non_trainable, sum(r[4] for r in records), input_shape, name, final_rf)
+    return Summary(rows, total, trainable, non_trainable, sum(r[4] for r in records), input_shape, name, final_rf,
+                   tuple(y.shape[1:]))
 
 
 def models_table() -> str:

@@ -29,12 +29,11 @@ from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
 from cnnlab.data import DATASETS, Dataset, Split, load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import autocast, loss_and_accuracy, predict
+from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, predict
 from cnnlab.models import create_model, get_spec
 from cnnlab.schedules import lr_at
 from cnnlab.summary import summarize
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -74,6 +73,7 @@ class Setup:
     dtype: torch.dtype
     summary_text: str
     params: int
+    macs: int  # multiply-accumulates of one forward pass, for this dataset's image size
 
 
 def forward_loss(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
@@ -111,16 +111,33 @@ def check_compatible(cfg: Config, ds: Dataset) -> None:
                           f"images of {ds.name}; use a batch size <= {len(ds.train)}")
 
 
+def check_output(name: str, summary, ds: Dataset) -> None:
+    """The model must give one logit per class: a head without global pooling fed larger images
+    gives more, and cross-entropy would train on them silently."""
+    out = summary.output_shape
+    if out != (ds.num_classes,):
+        raise CnnlabError(f"model {name} gives outputs of shape {out} on {ds.name}'s {'x'.join(map(str, ds.shape))} "
+                          f"images, not {ds.num_classes} class scores; use images of the model's size "
+                          f"({'x'.join(map(str, get_spec(name).input_shape))}) or a model with global pooling")
+
+
+NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
 def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
-    """Two parameter groups: weights, and BatchNorm/bias parameters (own LR scale, optional decay)."""
-    weights, norm_bias = [], []
+    """Up to three parameter groups: weights; biases of other layers; normalisation-layer
+    parameters, which alone get ``bias_lr_scale`` (as airbench's BatchNorm biases; its whitening
+    bias keeps the base LR). ``decay_bn_and_bias = false`` takes decay off the last two."""
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    weights, biases, norms = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (norm_bias if p.ndim <= 1 else weights).append(p)
-    groups = [{"params": weights, "weight_decay": o.weight_decay, "lr_scale": 1.0}]
-    if norm_bias:
-        wd = o.weight_decay / o.bias_lr_scale if o.decay_bn_and_bias else 0.0
-        groups.append({"params": norm_bias, "weight_decay": wd, "lr_scale": o.bias_lr_scale})
+            (norms if id(p) in norm_ids else biases if p.ndim <= 1 else weights).append(p)
+    decay = o.weight_decay if o.decay_bn_and_bias else 0.0
+    groups = [{"params": weights, "weight_decay": o.weight_decay, "lr_scale": 1.0},
+              {"params": biases, "weight_decay": decay, "lr_scale": 1.0},
+              {"params": norms, "weight_decay": decay / o.bias_lr_scale, "lr_scale": o.bias_lr_scale}]
+    groups = [g for g in groups if g["params"]]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
@@ -145,6 +162,7 @@ def setup(cfg: Config, log=print) -> Setup:
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, num_classes=ds.num_classes, **cfg.model.options)
     summary = summarize(model, input_shape=ds.shape)  # raises a clear error when the shape does not fit
+    check_output(cfg.model.name, summary, ds)
     aug = Augment(cfg.data.crop_pad, cfg.data.crop_mode, cfg.data.flip, cfg.data.cutout, cfg.data.cutout_p,
                   cfg.data.alternate_flip)
     common = dict(device=device, channels_last=cfg.train.channels_last)
@@ -160,7 +178,7 @@ def setup(cfg: Config, log=print) -> Setup:
         model.init_from_data(normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
     optimizer = build_optimizer(model, cfg.optim)
     return Setup(cfg, ds, model, train_loader, eval_loader, optimizer, device, dtype, summary.to_text(),
-                 summary.total_params)
+                 summary.total_params, summary.macs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
@@ -233,8 +251,9 @@ def table_row(r: dict) -> str:
             f"{r['val_loss']:>9.4f} {100 * r['val_acc']:>7.2f}% {r['epoch_seconds']:>8.1f} {r['train_seconds']:>8.1f}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a timer reads true time."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -315,6 +334,10 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     start_epoch = 1
     if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
+        if len(ckpt["optimizer"]["param_groups"]) != len(opt.param_groups):
+            raise CnnlabError(f"{out}/last.pt holds optimizer state for {len(ckpt['optimizer']['param_groups'])} "
+                              f"parameter groups, this cnnlab makes {len(opt.param_groups)} (an older version saved "
+                              f"it); start the run again with --overwrite")
         opt.load_state_dict(ckpt["optimizer"])
         if ema is not None and ckpt.get("ema_state_dict"):
             ema.load_state_dict(ckpt["ema_state_dict"])
@@ -341,7 +364,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
         last = history[-1] if history else {}
         return {
             "status": status, "model": cfg.model.name, "dataset": s.ds.name, "eval_split": s.ds.test_name,
-            "params": s.params, "train_images": len(s.ds.train), "images_per_epoch": s.train_loader.images_per_epoch, "epochs_run": len(history), "epochs": cfg.train.epochs,
+            "params": s.params, "macs_per_image": s.macs, "train_images": len(s.ds.train), "images_per_epoch": s.train_loader.images_per_epoch, "epochs_run": len(history), "epochs": cfg.train.epochs,
             "final_val_acc": last.get("val_acc"), "best_val_acc": max((r["val_acc"] for r in history), default=None),
             "final_val_loss": last.get("val_loss"), "train_seconds": state["train_seconds"],
             "target": cfg.train.target or None, "time_to_target_s": state["time_to_target_s"],
@@ -371,7 +394,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     for r in history:
         say(table_row(r))
     epoch, step_in_epoch = start_epoch, 0
-    saved_rows = len(history)  # rows whose epoch last.pt holds
+    saved_rows, saved_state = len(history), dict(state)  # what last.pt holds
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             model.train()
@@ -380,34 +403,36 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             bar = _progress(steps_per_epoch, epoch, quiet)
-            for step_in_epoch, (x, y) in enumerate(s.train_loader.epoch(gen, epoch)):
-                step = (epoch - 1) * steps_per_epoch + step_in_epoch
-                lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
-                set_lr(opt, lr, mom)
-                logits, loss = forward_loss(fwd, x, y, s.dtype, cfg.optim.label_smoothing)
-                if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on CUDA the epoch-end check
-                    raise _Diverged(epoch, step_in_epoch + 1, float(loss.detach()), lr)
-                backward_step(model, opt, scaler, loss, cfg.optim.grad_clip)
-                if cfg.train.lookahead:
-                    lookahead = lookahead_update(lookahead, model, step, steps_per_epoch * cfg.train.epochs,
-                                                 cfg.train.lookahead)
-                if ema is not None:
-                    ema_update(ema, model, cfg.train.ema)
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
+            try:
+                for step_in_epoch, (x, y) in enumerate(s.train_loader.epoch(gen, epoch)):
+                    step = (epoch - 1) * steps_per_epoch + step_in_epoch
+                    lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
+                    set_lr(opt, lr, mom)
+                    logits, loss = forward_loss(fwd, x, y, s.dtype, cfg.optim.label_smoothing)
+                    if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on CUDA the epoch-end check
+                        raise _Diverged(epoch, step_in_epoch + 1, float(loss.detach()), lr)
+                    backward_step(model, opt, scaler, loss, cfg.optim.grad_clip)
+                    if cfg.train.lookahead:
+                        lookahead = lookahead_update(lookahead, model, step, steps_per_epoch * cfg.train.epochs,
+                                                     cfg.train.lookahead)
+                    if ema is not None:
+                        ema_update(ema, model, cfg.train.ema)
+                    loss_sum += loss.detach() * len(y)
+                    correct += (logits.argmax(1) == y).sum()
+                    seen += len(y)
+                    if bar is not None:
+                        bar.update(1)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-            if lookahead is not None:  # the epoch ends on the average (airbench)
+                    bar.close()
+            if lookahead is not None and epoch == cfg.train.epochs:  # training ends on the average (airbench)
                 with torch.no_grad():
                     torch._foreach_copy_(float_state(model), lookahead)
-            _sync(device)
+            sync(device)
             epoch_seconds = time.perf_counter() - t0
-            if bar is not None:
-                bar.close()
             state["train_seconds"] += epoch_seconds
             logits_v, labels_v = predict(ema if ema is not None else fwd, s.eval_loader, cfg.train.tta, s.dtype,
                                          cfg.train.tta_shift)
@@ -430,7 +455,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             if improved:
                 save(epoch, "best.pt")
             save(epoch, "last.pt")
-            saved_rows = len(history)
+            saved_rows, saved_state = len(history), dict(state)
             if out is not None:  # after the checkpoints: a metrics row always has its last.pt
                 runs.write_metrics(out, history)
             say(table_row(row) + ("  <- target" if hit else ""))
@@ -441,8 +466,10 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
                 say(f"stopping early: no improvement for {cfg.train.patience} epochs")
                 break
     except KeyboardInterrupt:
-        if out is not None:  # interrupted while saving: report what last.pt holds
+        if out is not None:  # interrupted after training or while saving: report what last.pt holds
             del history[saved_rows:]
+            state.clear()
+            state.update(saved_state)
         done = len(history)
         log(f"interrupted in epoch {epoch}; {'last.pt holds epoch ' + str(done) if out and done else 'nothing saved'}"
             + (f"; continue with: cnnlab train --resume {out}" if out else ""))
