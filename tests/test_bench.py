@@ -69,6 +69,16 @@ def test_bench_excludes_evaluation_time(tmp_path, monkeypatch):
     assert res["environment"]["threads"] == 1  # the recipe's train.threads, not the caller's
 
 
+def test_time_to_target_counts_a_miss_as_infinitely_slow():
+    """A seed that never reached the target is slower than any that did: the median needs half
+    the seeds to reach it, the mean and max all of them."""
+    assert bench.time_to_target_stats([10.0, 30.0, 20.0]) == {"mean": 20.0, "median": 20.0, "min": 10.0, "max": 30.0}
+    assert bench.time_to_target_stats([10.0, None, 30.0]) == {"mean": None, "median": 30.0, "min": 10.0, "max": None}
+    assert bench.time_to_target_stats([10.0, None, None])["median"] is None
+    assert bench.time_to_target_stats([10.0, None])["median"] is None  # halfway between 10 and a miss
+    assert bench.time_to_target_stats([None]) == {"mean": None, "median": None, "min": None, "max": None}
+
+
 def test_bench_target_not_reached_is_null(tmp_path):
     cfg = load_recipe(RECIPE, TINY + ["train.target=0.9999"])
     res = bench.bench_recipe(cfg, [0], tmp_path, log=lambda *a: None)

@@ -10,6 +10,7 @@ steps of zoo models under each precision / memory-format setting.
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import resource
 import statistics
@@ -61,6 +62,17 @@ def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def time_to_target_stats(times: list[float | None]) -> dict:
+    """Statistics of time to target where None (not reached) counts as infinitely slow: the median
+    exists only if at least half the seeds reached it; mean and max only if all did."""
+    reached = [t for t in times if t is not None]
+    every = len(reached) == len(times) and bool(times)
+    median = statistics.median([math.inf if t is None else t for t in times]) if times else math.inf
+    return {"mean": statistics.fmean(reached) if every else None,
+            "median": median if math.isfinite(median) else None,
+            "min": min(reached) if reached else None, "max": max(reached) if every else None}
+
+
 def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=print, recipe: str | None = None) -> dict:
     """Train ``cfg`` once per seed (quietly) and summarise time-to-target and accuracy."""
     per_seed = []
@@ -88,15 +100,15 @@ def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=pri
         log(f"seed {seed}: final {row['final_acc']:.2%}, time to target "
             f"{'%.1f s' % row['time_to_target_s'] if row['reached'] else 'not reached'}, "
             f"{row['seconds_per_epoch']:.1f} s/epoch, {row['train_images_per_s']:.0f} img/s")
-    reached = [r["time_to_target_s"] for r in per_seed if r["reached"]]
+    n_reached = sum(r["reached"] for r in per_seed)
     with torch_threads(cfg.train.threads):  # the peak and the environment as the runs had them
         peak = matmul_peak_gflops(cfg.train.dtype, str(resolve_device(cfg.train.device)))
         env = environment(cfg)
     return {
         "recipe": recipe, "model": cfg.model.name, "dataset": cfg.data.dataset,
         "target": cfg.train.target or None, "seeds": seeds, "runs": per_seed,
-        "reached": f"{len(reached)}/{len(per_seed)}",
-        "time_to_target_s": _stats(reached),
+        "reached": f"{n_reached}/{len(per_seed)}",
+        "time_to_target_s": time_to_target_stats([r["time_to_target_s"] for r in per_seed]),
         "final_acc": _stats([r["final_acc"] for r in per_seed]),
         "seconds_per_epoch": _stats([r["seconds_per_epoch"] for r in per_seed]),
         "train_images_per_s": _stats([r["train_images_per_s"] for r in per_seed]),
