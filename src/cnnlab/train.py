@@ -35,7 +35,6 @@ from cnnlab.schedules import lr_at
 from cnnlab.summary import summarize
 
 
-
 @dataclass
 class RunResult:
     run_dir: Path | None
