@@ -269,7 +269,9 @@ def test_nan_stop_through_the_cli_is_one_line(tmp_path, capsys, mnist_ok):
 # ----------------------------------------------------------------------------- Ctrl-C (a real SIGINT)
 
 
-def test_sigint_saves_state_and_resume_completes(tmp_path, capsys, mnist_ok):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_saves_state_and_resume_completes(sig, tmp_path, capsys, mnist_ok):
+    """Ctrl-C, or ``kill`` (SIGTERM), mid-run: the last finished epoch is kept and the run resumes."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # 2,048 training images: an epoch takes long enough that the signal always lands before the run ends
@@ -283,7 +285,7 @@ def test_sigint_saves_state_and_resume_completes(tmp_path, capsys, mnist_ok):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no epoch finished in 120 s"
             time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

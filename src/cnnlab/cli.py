@@ -7,6 +7,8 @@ becomes one line on stderr and exit code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -53,7 +55,8 @@ def cmd_train(args) -> int:
             cfg.train.quiet = True
         out = args.out or f"runs/{Path(args.recipe).stem}"
     try:
-        res = train.train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite)
+        with sigterm_as_ctrl_c():
+            res = train.train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite)
     except train.Interrupted:
         return 130
     r = res.result
@@ -61,6 +64,20 @@ def cmd_train(args) -> int:
     print(f"{r['model']} on {r['dataset']}: final {r['eval_split']} acc {r['final_val_acc']:.2%}, best "
           f"{r['best_val_acc']:.2%}, {r['train_seconds']:.1f} s training, time to target: {ttt}; run: {out}")
     return 0
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """While training, SIGTERM (``kill PID``, a job scheduler's stop) ends the run as Ctrl-C does:
+    the last finished epoch stays in last.pt, result.json says "interrupted", exit code 130."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_lr_find(args) -> None:
