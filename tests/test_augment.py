@@ -176,6 +176,10 @@ def test_normalize_roundtrip():
     assert torch.allclose(y, (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1), atol=1e-5)
     assert torch.allclose(denormalize(y, mean, std), x.float() / 255, atol=1e-5)
     assert normalize(x, mean, std, torch.bfloat16).dtype == torch.bfloat16
+    xf = x.float()  # normalising works in place on a copy: a float input stays as it was
+    kept = xf.clone()
+    normalize(xf, mean, std)
+    assert torch.equal(xf, kept)
 
 
 # ----------------------------------------------------------------------------- Loader
