@@ -79,6 +79,22 @@ def test_crop_is_a_window_of_the_zero_padded_image(pad):
     assert len({dy for dy, _ in offsets}) > 1 and len({dx for _, dx in offsets}) > 1
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "one_image"])
+def test_crop_takes_the_window_at_its_drawn_offset(mode, layout):
+    x = batch(n=1 if layout == "one_image" else 12, c=1 if layout == "channels_last" else 3, h=9, w=10)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    pad = 2
+    out = random_crop(x, pad, gen(7), mode)
+    g = gen(7)  # the same draws, in the same order: dy for every image, then dx
+    dy = torch.randint(0, 2 * pad + 1, (len(x),), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (len(x),), generator=g)
+    padded = F.pad(x.float(), (pad,) * 4, mode="constant" if mode == "zeros" else "reflect").to(x.dtype)
+    for i in range(len(x)):
+        assert torch.equal(out[i], padded[i, :, dy[i]:dy[i] + 9, dx[i]:dx[i] + 10])
+
+
 def test_crop_reflect_has_no_zero_border():
     x = batch(n=32, low=1)  # no zero anywhere in the input
     out = random_crop(x, 4, gen(7), mode="reflect")

@@ -119,6 +119,19 @@ def test_one_channel_mnist_model_single_and_chw_input():
     assert 0 <= float(m4.min()) and float(m4.max()) <= 1
 
 
+def test_center_crop_model_maps_onto_the_window_it_sees():
+    torch.manual_seed(0)
+    model = create_model("mnist_fast")  # looks at the central 24x24 of 28x28
+    x = torch.randn(4, 1, 28, 28)
+    with GradCAM(model) as cam:
+        maps = cam(x)
+    assert maps.shape == (4, 28, 28)
+    border = torch.ones(28, 28, dtype=torch.bool)
+    border[2:26, 2:26] = False
+    assert float(maps[:, border].abs().max()) == 0.0  # nothing outside the window
+    assert torch.allclose(maps[:, 2:26, 2:26].flatten(1).amax(1), torch.ones(4))  # each map peaks inside it
+
+
 def test_batch_three_channels_and_named_layer():
     torch.manual_seed(0)
     model = create_model("cifar_sep92k")

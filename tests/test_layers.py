@@ -1,11 +1,14 @@
 """The building blocks' fast paths compute exactly what the plain PyTorch layers compute."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.layers import DepthwiseConv2d, ReLU, conv_bn
+from cnnlab.errors import CnnlabError
+from cnnlab.layers import CenterCrop, DepthwiseConv2d, Net, ReLU, Residual, conv_bn
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -57,3 +60,44 @@ def test_relu_in_place_while_training_only_with_torch_gradients():
     y = relu.eval()(x)
     assert torch.equal(x, kept)  # eval mode leaves its input alone (hooks keep pre-ReLU values)
     assert torch.equal(y, x.clamp_min(0))
+
+
+def test_center_crop_keeps_the_central_window_as_a_view():
+    x = torch.arange(2 * 3 * 28 * 28, dtype=torch.float32).reshape(2, 3, 28, 28)
+    out = CenterCrop(24)(x)
+    assert out.shape == (2, 3, 24, 24)
+    assert torch.equal(out, x[:, :, 2:26, 2:26])
+    assert out.data_ptr() == x[:, :, 2:, 2:].data_ptr()  # no copy
+    assert torch.equal(CenterCrop(5)(torch.zeros(1, 1, 8, 8).index_fill_(3, torch.tensor([1]), 1))[0, 0, :, 0],
+                       torch.ones(5))  # odd margins: the extra pixel goes to the right / bottom
+    with pytest.raises(CnnlabError, match="smaller crop"):
+        CenterCrop(24)(torch.zeros(1, 1, 20, 20))
+
+
+def _plain_relus(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, ReLU):
+            setattr(model, name, nn.ReLU())
+        else:
+            _plain_relus(child)
+    return model
+
+
+def test_models_with_in_place_relus_train_exactly_as_with_plain_ones():
+    """A train step through conv_bn blocks and a residual block: same loss and gradients."""
+    torch.manual_seed(0)
+    features = nn.Sequential(conv_bn(3, 8), Residual(nn.Sequential(conv_bn(8, 8), conv_bn(8, 8))),
+                             conv_bn(8, 16, groups=8), nn.MaxPool2d(2))
+    fast = Net(features, nn.Sequential(nn.Flatten(), nn.Linear(16 * 3 * 3, 4)))
+    plain = _plain_relus(copy.deepcopy(fast))
+    assert any(isinstance(m, ReLU) for m in fast.modules()) and not any(isinstance(m, ReLU) for m in plain.modules())
+    x = torch.randn(5, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 4, (5,))
+    losses = []
+    for model in (fast, plain):
+        loss = F.cross_entropy(model.train()(x), y)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1])
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name

@@ -150,6 +150,17 @@ def test_bad_option_values_other_models():
         create_model("resnet9", num_classes=0)
 
 
+@pytest.mark.parametrize("crop", [10, 13, 30, 24.0])
+def test_mnist_fast_refuses_crops_it_cannot_run(crop):
+    with pytest.raises(CnnlabError, match="even number of pixels from 12 to 28"):
+        create_model("mnist_fast", crop=crop)
+
+
+@pytest.mark.parametrize("crop", [12, 20, 28])
+def test_mnist_fast_runs_at_every_crop_it_accepts(crop):
+    assert create_model("mnist_fast", crop=crop).eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_width_changes_size():
     small = sum(p.numel() for p in create_model("mnist_tiny", width=0.5).parameters())
     big = sum(p.numel() for p in create_model("mnist_tiny", width=2).parameters())

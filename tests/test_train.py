@@ -815,3 +815,32 @@ def test_interrupt_during_evaluation_reports_only_what_last_pt_holds(tmp_path, m
     assert ckpt["epoch"] == 1 and result["epochs_run"] == 1
     assert result["train_seconds"] == ckpt["state"]["train_seconds"] == runs.read_metrics(out)[0]["train_seconds"]
     assert result["time_to_target_s"] == ckpt["state"]["time_to_target_s"] and result["target_epoch"] == 1
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizers_are_fused_and_stay_fused_after_loading_an_unfused_state(name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 4, 3))
+    o = config.OptimConfig(name=name, lr=0.01, momentum=0.9, weight_decay=1e-3)
+    opt = train_mod.build_optimizer(model, o)
+    assert all(g["fused"] for g in opt.param_groups)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+
+    def step(m, optimizer):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        optimizer.step()
+
+    step(model, opt)
+    unfused = copy.deepcopy(opt.state_dict())  # as an older cnnlab saved it
+    for g in unfused["param_groups"]:
+        g["fused"], g["foreach"] = None, None
+    twin = copy.deepcopy(model)
+    opt2 = train_mod.build_optimizer(twin, o)
+    train_mod.load_optimizer_state(opt2, unfused)
+    assert all(g["fused"] for g in opt2.param_groups)
+    step(model, opt)
+    step(twin, opt2)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

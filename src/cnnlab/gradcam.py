@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.errors import CnnlabError
+from cnnlab.layers import CenterCrop
 from cnnlab.models import MODELS, model_device
 
 
@@ -197,9 +198,22 @@ class GradCAM:
             raise CnnlabError(f"layer {self.layer!r} did not take part in the forward pass; choose another --layer")
         weights = grad.float().mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * act.float()).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        cam = _onto_input(cam, self.model, tuple(x.shape[-2:]))[:, 0]
         peak = cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
         return (cam / peak).clamp(0, 1).cpu()
+
+
+def _onto_input(cam: torch.Tensor, model: nn.Module, size: tuple[int, int]) -> torch.Tensor:
+    """Upsample maps [N, 1, h, w] onto the input: over the whole image, or, for a model whose
+    features start with a ``CenterCrop``, over the window it keeps (zero outside it)."""
+    features = getattr(model, "features", None)
+    first = next(iter(features.children()), None) if isinstance(features, nn.Module) else None
+    if not isinstance(first, CenterCrop):
+        return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    (h, w), s = size, first.size
+    top, left = first.window(h, w)
+    cam = F.interpolate(cam, size=(s, s), mode="bilinear", align_corners=False)
+    return F.pad(cam, (left, w - s - left, top, h - s - top))
 
 
 def activations(model: nn.Module, x: torch.Tensor, layers: list[str] | None = None) -> dict[str, torch.Tensor]:

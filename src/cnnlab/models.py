@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import Dropout, GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
+from cnnlab.layers import CenterCrop, Dropout, GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
 
 
 @dataclass(frozen=True)
@@ -144,24 +144,32 @@ def mnist_8k(num_classes: int = 10, dropout: float = 0.05, pool: str = "avg", wi
     return _mnist_net(dict(c1=8, c2=16, t=8, c3=16, extra=False), num_classes, dropout, pool, width)
 
 
-@register("mnist_fast", (1, 28, 28), "cnnlab (for speed)", "MNIST <15k built for CPU speed: 2x2 space-to-depth first",
+@register("mnist_fast", (1, 28, 28), "cnnlab (for speed)", "MNIST <15k built for CPU speed: 24x24 centre, space-to-depth",
           budget=(10_000, 14_999))
-def mnist_fast(num_classes: int = 10, dropout: float = 0.0, pool: str = "avg", width: float = 1.0) -> nn.Module:
-    """Space-to-depth (2x2 pixels -> 4 channels, 28 -> 14) so no layer runs at full resolution:
-    the element-wise work (BN, ReLU) that dominates a CPU step shrinks ~2.3x against mnist_tiny.
-    Then 24 -> 32 at 14x14, maxpool, 1x1 -> 16, two 3x3 of 16 at 7x7 and 5x5, GAP, 1x1 to classes
-    (RF 28 before the GAP)."""
-    c1, c2, t, c3 = (_w(c, width) for c in (24, 32, 16, 16))
+def mnist_fast(num_classes: int = 10, dropout: float = 0.0, pool: str = "avg", width: float = 1.0,
+               crop: int = 24) -> nn.Module:
+    """Built for time to 99.4% on a CPU, where the element-wise work on large maps (BatchNorm,
+    ReLU, pooling) costs as much as the convolutions:
+
+    * the central ``crop`` x ``crop`` pixels only (MNIST digits sit in a centred 20x20 box: 24 keeps
+      99.8% of the ink), 0.73x the pixels of the full image for every layer (1.4x faster per step);
+    * a 2x2 space-to-depth, so no layer runs at full resolution;
+    * 16 -> 16 at 12x12, maxpool, 16 -> 32 at 6x6, 32 -> 16 at 4x4 ('valid'), GAP, 1x1 to classes.
+
+    RF 28 before the GAP, 40 after; 12,416 trainable parameters."""
+    if not (isinstance(crop, int) and not isinstance(crop, bool) and 12 <= crop <= 28 and crop % 2 == 0):
+        raise CnnlabError(f"crop={crop!r} for mnist_fast must be an even number of pixels from 12 to 28")
+    a, b, c, d = (_w(ch, width) for ch in (16, 16, 32, 16))
     features = nn.Sequential(
-        nn.PixelUnshuffle(2),  # 1x28x28 -> 4x14x14, RF 2, jump 2
-        conv_bn(4, c1, dropout=dropout),  # 14, RF 6
-        conv_bn(c1, c2, dropout=dropout),  # 14, RF 10
-        nn.MaxPool2d(2),  # 7, RF 12
-        conv_bn(c2, t, k=1),
-        conv_bn(t, c3, dropout=dropout),  # 7, RF 20
-        conv_bn(c3, c3, padding=0),  # 5, RF 28
+        CenterCrop(crop),  # 28 -> 24
+        nn.PixelUnshuffle(2),  # 1x24x24 -> 4x12x12, RF 2, jump 2
+        conv_bn(4, a, dropout=dropout),  # 12, RF 6
+        conv_bn(a, b, dropout=dropout),  # 12, RF 10
+        nn.MaxPool2d(2),  # 6, RF 12, jump 4
+        conv_bn(b, c, dropout=dropout),  # 6, RF 20
+        conv_bn(c, d, padding=0),  # 4, RF 28
     )
-    head = nn.Sequential(GlobalPool(pool, flatten=False), nn.Conv2d(c3, num_classes, 1, bias=False), nn.Flatten())
+    head = nn.Sequential(GlobalPool(pool, flatten=False), nn.Conv2d(d, num_classes, 1, bias=False), nn.Flatten())
     return Net(features, head)
 
 

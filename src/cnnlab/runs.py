@@ -95,12 +95,17 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (the EMA weights if present)."""
     model = create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], **ckpt["model_options"])
     state = ckpt["ema_state_dict"] if use_ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
+    load_weights(model, state, ckpt["model_name"])
+    return model
+
+
+def load_weights(model: torch.nn.Module, state: dict, name: str) -> None:
+    """``model.load_state_dict(state)`` with a one-line error when the weights do not fit."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CnnlabError(f"checkpoint weights do not fit model {ckpt['model_name']} "
-                          f"({str(e).splitlines()[0].rstrip(':. ')}); the checkpoint is from another model") from None
-    return model
+        raise CnnlabError(f"checkpoint weights do not fit model {name} ({str(e).splitlines()[0].rstrip(':. ')}); "
+                          f"the checkpoint is from another model, or from an older cnnlab's version of it") from None
 
 
 def git_commit() -> str | None:
