@@ -114,7 +114,10 @@ def test_bench_cli_bad_input(tmp_path, capsys):
     for argv, needle in [(["--throughput", "mnist_8k", "--batch-size", "-5"], "--batch-size -5"),
                          (["--throughput", "mnist_8k", "--batch-size", "0"], "batch size >= 1"),
                          ([str(RECIPE), "--batch-size", "64"], "only with --throughput"),
-                         ([str(RECIPE), "--throughput", "mnist_8k"], "drop the recipe")]:
+                         ([str(RECIPE), "--throughput", "--set", "train.epochs=2"], "drop --set"),
+                         (["--throughput", "mnist_8k", "--target", "0.9"], "drop --set and --target"),
+                         (["--throughput", "nosuchmodel"], "nosuchmodel"),
+                         (["--throughput", "missing.toml"], "missing.toml")]:
         assert cli.main(["bench", *argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -130,3 +133,11 @@ def test_throughput_rows():
         assert r["gflops"] == pytest.approx(6 * summarize("mnist_8k").macs * r["images_per_s"] / 1e9)
         assert r["pct_of_peak"] == pytest.approx(100 * r["gflops"] / r["peak_gflops"]) and r["peak_gflops"] > 1
     assert "| mnist_8k | 8 | bfloat16 | channels_last |" in bench.throughput_markdown(rows)
+
+
+def test_throughput_of_a_recipe_uses_its_batch_size_and_model_options():
+    cfg = load_recipe(ROOT / "recipes" / "mnist_fast.toml")
+    cfg.model.options = {"crop": 20}
+    rows = bench.throughput([cfg, "mnist_8k"], steps=1, settings=(("float32", True),), log=lambda *a: None)
+    assert [(r["model"], r["batch_size"]) for r in rows] == [("mnist_fast", 256), ("mnist_8k", 128)]
+    assert rows[0]["macs_per_image"] == summarize("mnist_fast", crop=20).macs != summarize("mnist_fast").macs

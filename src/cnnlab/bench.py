@@ -157,42 +157,56 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def throughput(models: list[str] | None = None, batch_size: int | None = None, steps: int = 6,
+def throughput(models: list[str | Config] | None = None, batch_size: int | None = None, steps: int = 10,
                settings=(("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)),
                device: str = "auto", log=print) -> list[dict]:
-    """Forward+backward+SGD images/s of zoo models per (dtype, channels_last) setting (median of steps)."""
+    """Forward+backward+SGD images/s of zoo models per (dtype, channels_last) setting.
+
+    An entry of ``models`` is a zoo name (batch 128 for 1-channel input, else 256) or a recipe's
+    ``Config`` (its model, model options and batch size); ``batch_size`` overrides either. A
+    model's settings take turns step by step and each reports its median step, so a change in the
+    machine's load hits all of them alike and their ratios hold."""
     device = str(resolve_device(device))
+    jobs = []  # (name, options, batch size), every name checked before anything is timed
+    for entry in models or list_models():
+        name, options, recipe_bs = ((entry.model.name, entry.model.options, entry.data.batch_size)
+                                    if isinstance(entry, Config) else (entry, {}, None))
+        spec = get_spec(name)
+        jobs.append((name, options, batch_size or recipe_bs or (128 if spec.input_shape[0] == 1 else 256)))
     peaks = {d: matmul_peak_gflops(d, device) for d in sorted({d for d, _ in settings})}
     rows = []
-    for name in models or list_models():
+    for name, options, bs in jobs:
         spec = get_spec(name)
-        macs = summarize(name).macs
-        bs = batch_size or (128 if spec.input_shape[0] == 1 else 256)
+        macs = summarize(name, **options).macs
+        torch.manual_seed(0)
+        x = torch.randn(bs, *spec.input_shape, device=device)
+        y = torch.randint(0, spec.num_classes, (bs,), device=device)
+        setups = []  # one (model, optimizer, input, dtype) per setting
         for dtype_name, cl in settings:
             torch.manual_seed(0)
-            model = create_model(name).to(device)
-            x = torch.randn(bs, *spec.input_shape, device=device)
+            model = create_model(name, **options).to(device)
             if hasattr(model, "init_from_data"):
                 model.init_from_data(x)
-            y = torch.randint(0, spec.num_classes, (bs,), device=device)
+            xs = x.contiguous(memory_format=torch.channels_last) if cl else x
             if cl:
                 model = model.to(memory_format=torch.channels_last)
-                x = x.contiguous(memory_format=torch.channels_last)
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-            dtype = DTYPES[dtype_name]
-            times = []
-            for i in range(steps + 1):
+            setups.append((model, opt, xs, DTYPES[dtype_name]))
+        times = [[] for _ in settings]
+        for i in range(steps + 1):
+            for k, (model, opt, xs, dtype) in enumerate(setups):
                 sync(device)
                 t0 = time.perf_counter()
                 with autocast(torch.device(device), dtype):
-                    loss = F.cross_entropy(model(x).float(), y)
+                    loss = F.cross_entropy(model(xs).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sync(device)
-                if i:  # the first step warms up
-                    times.append(time.perf_counter() - t0)
-            sec = statistics.median(times)
+                if i:  # the first round warms up
+                    times[k].append(time.perf_counter() - t0)
+        for (dtype_name, cl), t in zip(settings, times):
+            sec = statistics.median(t)
             row = {"model": name, "batch_size": bs, "dtype": dtype_name, "channels_last": cl,
                    "ms_per_step": 1000 * sec, "images_per_s": bs / sec, "macs_per_image": macs}
             row["gflops"] = train_gflops(macs, row["images_per_s"])

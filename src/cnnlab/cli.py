@@ -131,11 +131,13 @@ def cmd_bench(args) -> None:
     if args.batch_size is not None and (args.throughput is None or args.batch_size < 1):
         raise CnnlabError(f"--batch-size {args.batch_size}: give a batch size >= 1, and only with --throughput "
                           f"(a recipe benchmark uses the recipe's data.batch_size; change it with --set)")
-    if args.throughput is not None and (args.recipe or args.set or args.target is not None):
-        raise CnnlabError("--throughput measures zoo models by name, e.g. --throughput mnist_tiny; "
-                          "drop the recipe, --set and --target (or drop --throughput to benchmark the recipe)")
+    if args.throughput is not None and (args.set or args.target is not None):
+        raise CnnlabError("--throughput measures zoo models, or recipes at their batch size, as they are; "
+                          "drop --set and --target (or drop --throughput to benchmark the recipe's training)")
     if args.throughput is not None:
-        rows = bench.throughput(args.throughput or None, batch_size=args.batch_size, device=args.device)
+        names = ([args.recipe] if args.recipe else []) + args.throughput
+        entries = [config.load_recipe(e) if e.endswith(".toml") else e for e in names]
+        rows = bench.throughput(entries or None, batch_size=args.batch_size, device=args.device)
         out.mkdir(parents=True, exist_ok=True)
         runs.write_json(out / "throughput.json", {"rows": rows, "environment": bench.environment()})
         runs.write_text(out / "throughput.md", bench.throughput_markdown(rows) + "\n")
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", type=float, help="target accuracy, e.g. 0.994 (default: the recipe's)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--out", default="runs/bench", help="directory for bench.json/bench.md and the runs")
-    b.add_argument("--throughput", nargs="*", metavar="MODEL", help="images/s of these zoo models (all if none)")
+    b.add_argument("--throughput", nargs="*", metavar="MODEL",
+                   help="images/s of these zoo models (all if none), or of recipe files at their batch size")
     b.add_argument("--batch-size", type=int, help="batch size for --throughput")
     b.add_argument("--device", default="auto", help="device for --throughput: auto, cpu, cuda")
     b.set_defaults(func=cmd_bench)
