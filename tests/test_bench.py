@@ -67,6 +67,9 @@ def test_bench_excludes_evaluation_time(tmp_path, monkeypatch):
     assert res["peak_gflops"] > res["train_gflops"]["max"] > 0
     assert res["environment"]["torch_version"] == torch.__version__
     assert res["environment"]["threads"] == 1  # the recipe's train.threads, not the caller's
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "model name" in cpuinfo:  # the host is named: numbers from different CPUs must not be mixed
+        assert f": {res['environment']['cpu']}\n" in cpuinfo and res["environment"]["cpu"] != "x86_64"
 
 
 def test_time_to_target_counts_a_miss_as_infinitely_slow():

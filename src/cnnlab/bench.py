@@ -120,9 +120,20 @@ def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=pri
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows: hosts differ, say which."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(cfg: Config | None = None) -> dict:
-    env = {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor()
-           or platform.machine(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    env = {"torch_version": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
+           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "git_commit": runs.git_commit()}
     if cfg is not None:
         env.update(device=cfg.train.device, dtype=cfg.train.dtype, channels_last=cfg.train.channels_last,
@@ -153,7 +164,7 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(f"reached target: {result['reached']}; peak RSS {result['peak_rss_mb']:.0f} MiB; device {env.get('device')}, "
                  f"dtype {env.get('dtype')}, channels_last {env.get('channels_last')}, threads {env['threads']}, "
-                 f"torch {env['torch_version']}, commit {(env['git_commit'] or '?')[:10]}")
+                 f"torch {env['torch_version']}, {env.get('cuda') or env.get('cpu')}, commit {(env['git_commit'] or '?')[:10]}")
     return "\n".join(lines)
 
 
