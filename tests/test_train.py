@@ -148,6 +148,8 @@ def test_short_mnist_run_exceeds_97_percent_and_writes_a_complete_run_dir(tmp_pa
     assert result["target"] == 0.994 and result["time_to_target_s"] is None  # the recipe's target, not reached
     assert (result["device"], result["dtype"], result["torch_version"]) == ("cpu", "float32", torch.__version__)
     assert re.fullmatch(r"[0-9a-f]{40}", result["git_commit"] or ""), result["git_commit"]
+    assert result["git_dirty"] in (True, False)  # uncommitted changes to tracked files, when it started
+    assert result["code"] == [{"commit": result["git_commit"], "dirty": result["git_dirty"], "from_epoch": 1}]
 
     # last.pt rebuilds the model, which scores exactly what was recorded on the test set
     last = runs.load_checkpoint(out, "last")
@@ -210,6 +212,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, interru
     assert same_state(a["state_dict"], b["state_dict"])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys() and all(same_state(sa[k], sb[k]) for k in sa)
+    # the code it trained with: the start's checkout, then the resume's (from epoch 3)
+    assert [c["from_epoch"] for c in resumed.result["code"]] == [1, 3]
+    assert {c["commit"] for c in resumed.result["code"]} == {full.result["git_commit"]}
+    assert resumed.result["git_commit"] == full.result["git_commit"]
     # cumulative training time continues from the interrupted run
     assert resumed.history[2]["train_seconds"] == pytest.approx(
         resumed.history[1]["train_seconds"] + resumed.history[2]["epoch_seconds"])

@@ -108,13 +108,25 @@ def load_weights(model: torch.nn.Module, state: dict, name: str) -> None:
                           f"the checkpoint is from another model, or from an older cnnlab's version of it") from None
 
 
-def git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """stdout of a git command in cnnlab's own checkout, or None outside one (an installed copy)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_commit() -> str | None:
+    return _git("rev-parse", "HEAD") or None
+
+
+def git_state() -> dict:
+    """The commit of cnnlab's checkout and whether tracked files differ from it (None outside a checkout)."""
+    commit = git_commit()
+    changes = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(changes) if changes is not None else None}
 
 
 def list_runs(root: Path) -> list[Path]:

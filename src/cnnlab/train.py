@@ -339,7 +339,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     steps_per_epoch = len(s.train_loader)
     history: list[dict] = []
     state = {"train_seconds": 0.0, "best_val_acc": -1.0, "time_to_target_s": None, "target_epoch": None,
-             "bad_epochs": 0}
+             "bad_epochs": 0, "code": []}  # code: the cnnlab checkout each start or resume trained with
     start_epoch = 1
     if ckpt is not None:
         runs.load_weights(model, ckpt["state_dict"], cfg.model.name)
@@ -362,6 +362,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             say(f"{out} already finished ({state['stopped']}); nothing to resume")
             return RunResult(out, history, runs.read_result(out))
         say(f"resuming {out} at epoch {start_epoch}")
+    state["code"] = [*state.get("code", []), {**runs.git_state(), "from_epoch": start_epoch}]
     meta = {"model_name": cfg.model.name, "model_options": dict(cfg.model.options), "num_classes": s.ds.num_classes,
             "config": config_mod.to_dict(cfg), "dataset": {"name": s.ds.name, "classes": s.ds.classes,
             "mean": list(s.ds.mean), "std": list(s.ds.std), "shape": list(s.ds.shape), "eval_split": s.ds.test_name}}
@@ -380,7 +381,8 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             "target_epoch": state["target_epoch"], "seed": cfg.train.seed, "device": str(device),
             "dtype": cfg.train.dtype, "threads": torch.get_num_threads(), "channels_last": cfg.train.channels_last,
             "compile": cfg.train.compile, "batch_size": cfg.data.batch_size, "torch_version": torch.__version__,
-            "git_commit": runs.git_commit(), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": state["code"][0]["commit"], "git_dirty": any(c["dirty"] for c in state["code"]),
+            "code": state["code"], "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
     def save(epoch: int, name: str) -> None:
