@@ -178,16 +178,16 @@ def throughput(models: list[str | Config] | None = None, batch_size: int | None 
     model's settings take turns step by step and each reports its median step, so a change in the
     machine's load hits all of them alike and their ratios hold."""
     device = str(resolve_device(device))
-    jobs = []  # (name, options, batch size), every name checked before anything is timed
+    jobs = []  # (spec, options, batch size), every name checked before anything is timed
     for entry in models or list_models():
         name, options, recipe_bs = ((entry.model.name, entry.model.options, entry.data.batch_size)
                                     if isinstance(entry, Config) else (entry, {}, None))
         spec = get_spec(name)
-        jobs.append((name, options, batch_size or recipe_bs or (128 if spec.input_shape[0] == 1 else 256)))
+        jobs.append((spec, options, batch_size or recipe_bs or (128 if spec.input_shape[0] == 1 else 256)))
     peaks = {d: matmul_peak_gflops(d, device) for d in sorted({d for d, _ in settings})}
     rows = []
-    for name, options, bs in jobs:
-        spec = get_spec(name)
+    for spec, options, bs in jobs:
+        name = spec.name
         macs = summarize(name, **options).macs
         torch.manual_seed(0)
         x = torch.randn(bs, *spec.input_shape, device=device)

@@ -362,7 +362,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
             say(f"{out} already finished ({state['stopped']}); nothing to resume")
             return RunResult(out, history, runs.read_result(out))
         say(f"resuming {out} at epoch {start_epoch}")
-    state["code"] = [*state.get("code", []), {**runs.git_state(), "from_epoch": start_epoch}]
+    state["code"].append({**runs.git_state(), "from_epoch": start_epoch})
     meta = {"model_name": cfg.model.name, "model_options": dict(cfg.model.options), "num_classes": s.ds.num_classes,
             "config": config_mod.to_dict(cfg), "dataset": {"name": s.ds.name, "classes": s.ds.classes,
             "mean": list(s.ds.mean), "std": list(s.ds.std), "shape": list(s.ds.shape), "eval_split": s.ds.test_name}}
