@@ -113,6 +113,7 @@ def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=pri
         "time_to_target_s": time_to_target_stats([r["time_to_target_s"] for r in per_seed]),
         "final_acc": _stats([r["final_acc"] for r in per_seed]),
         "seconds_per_epoch": _stats([r["seconds_per_epoch"] for r in per_seed]),
+        "wall_over_train": _stats([r["wall_seconds"] / max(r["train_seconds"], 1e-9) for r in per_seed]),
         "train_images_per_s": _stats([r["train_images_per_s"] for r in per_seed]),
         "macs_per_image": macs,
         "train_gflops": _stats([r["train_gflops"] for r in per_seed]),
@@ -149,14 +150,17 @@ def markdown(result: dict) -> str:
             return "-"
         return f"{100 * v:.2f}%" if pct else f"{v:.1f}{unit}"
 
-    lines = [f"| seed | final acc | time to {fmt(result['target'], True)} (s) | epochs | s/epoch | train img/s |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    split = result["runs"][0].get("eval_split", "val") if result["runs"] else "val"
+    lines = [f"| seed | final {split} acc | time to {fmt(result['target'], True)} (s) | epochs | s/epoch | train img/s "
+             f"| train s | wall s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         lines.append(f"| {r['seed']} | {fmt(r['final_acc'], True)} | {fmt(r['time_to_target_s'])} | {r['epochs_run']} | "
-                     f"{fmt(r['seconds_per_epoch'])} | {fmt(r['train_images_per_s'])} |")
-    t, a = result["time_to_target_s"], result["final_acc"]
+                     f"{fmt(r['seconds_per_epoch'])} | {fmt(r['train_images_per_s'])} | {fmt(r['train_seconds'])} | "
+                     f"{fmt(r['wall_seconds'])} |")
+    t, a, w = result["time_to_target_s"], result["final_acc"], result["wall_over_train"]
     lines.append(f"| **median** | {fmt(a['median'], True)} | {fmt(t['median'])} | | "
-                 f"{fmt(result['seconds_per_epoch']['median'])} | {fmt(result['train_images_per_s']['median'])} |")
+                 f"{fmt(result['seconds_per_epoch']['median'])} | {fmt(result['train_images_per_s']['median'])} | | "
+                 f"{w['median']:.2f}x train |")
     env = result["environment"]
     lines.append("")
     g = result["train_gflops"]["median"]
