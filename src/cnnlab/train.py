@@ -30,9 +30,9 @@ from cnnlab.config import Config
 from cnnlab.data import DATASETS, Dataset, Split, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, predict
-from cnnlab.models import create_model, get_spec
+from cnnlab import models
 from cnnlab.schedules import lr_at
-from cnnlab.summary import summarize
+from cnnlab.summary import check_budget, check_model
 
 
 @dataclass
@@ -101,23 +101,9 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
 
 
 def check_compatible(cfg: Config, ds: Dataset) -> None:
-    spec = get_spec(cfg.model.name)
-    if spec.input_shape[0] != ds.shape[0]:
-        raise CnnlabError(f"model {spec.name} takes {spec.input_shape[0]}-channel images but {ds.name} has "
-                          f"{ds.shape[0]} channel(s); choose a model for {ds.shape[0]}-channel input (`cnnlab models`)")
     if cfg.data.batch_size > len(ds.train):
         raise CnnlabError(f"data.batch_size = {cfg.data.batch_size} is larger than the {len(ds.train)} training "
                           f"images of {ds.name}; use a batch size <= {len(ds.train)}")
-
-
-def check_output(name: str, summary, ds: Dataset) -> None:
-    """The model must give one logit per class: a head without global pooling fed larger images
-    gives more, and cross-entropy would train on them silently."""
-    out = summary.output_shape
-    if out != (ds.num_classes,):
-        raise CnnlabError(f"model {name} gives outputs of shape {out} on {ds.name}'s {'x'.join(map(str, ds.shape))} "
-                          f"images, not {ds.num_classes} class scores; use images of the model's size "
-                          f"({'x'.join(map(str, get_spec(name).input_shape))}) or a model with global pooling")
 
 
 NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -159,6 +145,7 @@ def setup(cfg: Config, log=print) -> Setup:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     dtype = DTYPES[cfg.train.dtype]
+    check_budget(cfg)  # [model] max_params / max_macs, before any data is loaded
     ds = load_dataset(cfg.data.dataset, root=cfg.data.root or None, val_split=cfg.data.val_split, log=log)
     if cfg.data.dataset not in DATASETS:  # an image folder: keep its absolute path, so the run works from anywhere
         cfg.data.dataset = str(Path(cfg.data.dataset).expanduser().resolve())
@@ -169,9 +156,9 @@ def setup(cfg: Config, log=print) -> Setup:
         raise CnnlabError(f"data.crop_pad = {cfg.data.crop_pad} with reflect padding must be smaller than the "
                           f"{ds.shape[1]}x{ds.shape[2]} images; use e.g. crop_pad = 4")
     torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model.name, num_classes=ds.num_classes, **cfg.model.options)
-    summary = summarize(model, input_shape=ds.shape)  # raises a clear error when the shape does not fit
-    check_output(cfg.model.name, summary, ds)
+    model = models.build(cfg.model.name, cfg.model.options, ds.num_classes, ds.shape)
+    summary = check_model(model, cfg.model.name, ds.shape, ds.num_classes, ds.name, cfg.model.max_params,
+                          cfg.model.max_macs)  # one-line errors: channels, map too small, output, budgets
     aug = Augment(cfg.data.crop_pad, cfg.data.crop_mode, cfg.data.flip, cfg.data.cutout, cfg.data.cutout_p,
                   cfg.data.alternate_flip)
     common = dict(device=device, channels_last=cfg.train.channels_last)
@@ -182,9 +169,8 @@ def setup(cfg: Config, log=print) -> Setup:
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    if hasattr(model, "init_from_data"):
-        n = min(len(ds.train), 5000)
-        model.init_from_data(normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
+    n = min(len(ds.train), 5000)
+    models.init_from_data(model, normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
     optimizer = build_optimizer(model, cfg.optim)
     return Setup(cfg, ds, model, train_loader, eval_loader, optimizer, device, dtype, summary.to_text(),
                  summary.total_params, summary.macs)
@@ -321,6 +307,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
         ckpt = runs.load_checkpoint(out, "last")
         out = out.parent if out.is_file() else out
         cfg = config_mod.from_dict(ckpt["config"])
+        models.check_source(ckpt.get("model_source") or {}, log)  # warns if the model's .py file changed
     elif out is not None:
         check_out_dir(out, overwrite)
     quiet = cfg.train.quiet
@@ -364,6 +351,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
         say(f"resuming {out} at epoch {start_epoch}")
     state["code"].append({**runs.git_state(), "from_epoch": start_epoch})
     meta = {"model_name": cfg.model.name, "model_options": dict(cfg.model.options), "num_classes": s.ds.num_classes,
+            "model_source": models.source(cfg.model.name),
             "config": config_mod.to_dict(cfg), "dataset": {"name": s.ds.name, "classes": s.ds.classes,
             "mean": list(s.ds.mean), "std": list(s.ds.std), "shape": list(s.ds.shape), "eval_split": s.ds.test_name}}
     if out is not None:
@@ -373,7 +361,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     def result(status: str) -> dict:
         last = history[-1] if history else {}
         return {
-            "status": status, "model": cfg.model.name, "dataset": s.ds.name, "eval_split": s.ds.test_name,
+            "status": status, "model": models.label(cfg.model.name), "dataset": s.ds.name, "eval_split": s.ds.test_name,
             "params": s.params, "macs_per_image": s.macs, "train_images": len(s.ds.train), "images_per_epoch": s.train_loader.images_per_epoch, "epochs_run": len(history), "epochs": cfg.train.epochs,
             "final_val_acc": last.get("val_acc"), "best_val_acc": max((r["val_acc"] for r in history), default=None),
             "final_val_loss": last.get("val_loss"), "train_seconds": state["train_seconds"],
@@ -409,8 +397,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
     try:
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             model.train()
-            if hasattr(model, "start_epoch"):  # a model's own per-epoch rule (airbench: freeze the whitening bias)
-                model.start_epoch(epoch)
+            models.start_epoch(model, epoch)  # a model's own per-epoch rule (airbench: freeze the whitening bias)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
