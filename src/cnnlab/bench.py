@@ -25,6 +25,7 @@ from cnnlab.config import Config
 from cnnlab.evaluate import DTYPES, autocast
 from cnnlab.models import create_model, get_spec, list_models
 from cnnlab.summary import summarize
+from cnnlab.tables import format_table
 from cnnlab.train import resolve_device, sync, torch_threads, train
 
 # Training FLOPs per image = 6 x MACs: the forward pass is 2 FLOPs per MAC, the backward pass twice
@@ -147,16 +148,14 @@ def markdown(result: dict) -> str:
             return "-"
         return f"{100 * v:.2f}%" if pct else f"{v:.1f}{unit}"
 
-    lines = [f"| seed | final acc | time to {fmt(result['target'], True)} (s) | epochs | s/epoch | train img/s |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for r in result["runs"]:
-        lines.append(f"| {r['seed']} | {fmt(r['final_acc'], True)} | {fmt(r['time_to_target_s'])} | {r['epochs_run']} | "
-                     f"{fmt(r['seconds_per_epoch'])} | {fmt(r['train_images_per_s'])} |")
+    head = ["seed", "final acc", f"time to {fmt(result['target'], True)} (s)", "epochs", "s/epoch", "train img/s"]
+    body = [[r["seed"], fmt(r["final_acc"], True), fmt(r["time_to_target_s"]), r["epochs_run"],
+             fmt(r["seconds_per_epoch"]), fmt(r["train_images_per_s"])] for r in result["runs"]]
     t, a = result["time_to_target_s"], result["final_acc"]
-    lines.append(f"| **median** | {fmt(a['median'], True)} | {fmt(t['median'])} | | "
-                 f"{fmt(result['seconds_per_epoch']['median'])} | {fmt(result['train_images_per_s']['median'])} |")
+    body.append(["**median**", fmt(a["median"], True), fmt(t["median"]), "", fmt(result["seconds_per_epoch"]["median"]),
+                 fmt(result["train_images_per_s"]["median"])])
     env = result["environment"]
-    lines.append("")
+    lines = [format_table(head, body, left=(), markdown=True), ""]
     g = result["train_gflops"]["median"]
     lines.append(f"training compute: {result['macs_per_image']:,} MACs/image x {TRAIN_FLOPS_PER_MAC} = {g:.1f} GFLOP/s (median), "
                  f"{100 * g / result['peak_gflops']:.1f}% of this machine's {result['environment'].get('dtype')} "
@@ -231,9 +230,8 @@ def throughput(models: list[str | Config] | None = None, batch_size: int | None 
 
 
 def throughput_markdown(rows: list[dict]) -> str:
-    lines = ["| model | batch | dtype | layout | ms/step | img/s | GFLOP/s | % of matmul peak |",
-             "|---|---:|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {'channels_last' if r['channels_last'] else 'NCHW'} "
-                     f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {r['gflops']:.1f} | {r['pct_of_peak']:.1f} |")
-    return "\n".join(lines)
+    head = ["model", "batch", "dtype", "layout", "ms/step", "img/s", "GFLOP/s", "% of matmul peak"]
+    body = [[r["model"], r["batch_size"], r["dtype"], "channels_last" if r["channels_last"] else "NCHW",
+             f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['pct_of_peak']:.1f}"]
+            for r in rows]
+    return format_table(head, body, left=(0, 2, 3), markdown=True)

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cnnlab.data import atomic_write_bytes  # noqa: E402
+from cnnlab.atomic import atomic_write_bytes  # noqa: E402
 
 DPI = 100
 
