@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cnnlab import config, data, formats  # noqa: E402
+from cnnlab import config, data, formats, runs  # noqa: E402
 from cnnlab.augment import Loader  # noqa: E402
 from cnnlab.evaluate import DTYPES, loss_and_accuracy, predict  # noqa: E402
 from cnnlab.runs import load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
         cfg = config.load_recipe(args.recipe, SMALL_SET + args.set + [f"data.root={root}"])
         runs[name] = args.out / f"run-{name}"
         res = train(cfg, runs[name], overwrite=True, log=lambda *a, **k: None).result
-        print(f"trained on {name}: {res['final_val_acc']:.2%} on its own test images, {res['train_seconds']:.0f} s")
+        print(f"trained on {name}: {runs.final_acc(res):.2%} on its own test images, {res['train_seconds']:.0f} s")
 
     print("\n| trained on | tested on original | tested on JPEG |\n|---|---:|---:|")
     for name, run in runs.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab import config, evaluate, train
+from cnnlab import config, evaluate, runs, train
 from cnnlab.cli import main
 from cnnlab.evaluate import confusion_matrix, metrics, top_losses
 
@@ -135,7 +135,7 @@ def test_default_split_is_the_runs_own(run_dir, tmp_path):
     that held-out split by default; a run without one on the test split."""
     ev = evaluate.evaluate_run(run_dir, n_images=2, out_dir=tmp_path)
     assert ev["split"] == "val" and ev["n"] == 1000
-    ckpt = torch.load(run_dir / "best.pt", weights_only=False)
+    ckpt = runs.load_checkpoint(run_dir, "best")
     ckpt["config"]["data"]["val_split"] = 0
     split, name = evaluate.load_eval_split(ckpt)
     assert name == "test" and len(split) == 10000
@@ -172,15 +172,15 @@ def test_cli_evaluate_bad_inputs(run_dir, tmp_path, capsys, monkeypatch):
     assert_one_line_error(*cli(capsys, "evaluate", no_ckpt)[::2], "no checkpoint best.pt")
 
     other = _broken_copy(run_dir, tmp_path, "other-model")
-    ckpt = torch.load(other / "best.pt", weights_only=False)
+    ckpt = runs.load_checkpoint(other, "best")
     ckpt["model_name"] = "mnist_8k"
-    torch.save(ckpt, other / "best.pt")
+    runs.save_checkpoint(other / "best.pt", ckpt)
     assert_one_line_error(*cli(capsys, "evaluate", other)[::2], "do not fit model mnist_8k", "another model")
 
     no_val = _broken_copy(run_dir, tmp_path, "no-val")
-    ckpt = torch.load(no_val / "best.pt", weights_only=False)
+    ckpt = runs.load_checkpoint(no_val, "best")
     ckpt["config"]["data"]["val_split"] = 0
-    torch.save(ckpt, no_val / "best.pt")
+    runs.save_checkpoint(no_val / "best.pt", ckpt)
     assert_one_line_error(*cli(capsys, "evaluate", no_val, "--split", "val")[::2], "--split test")
 
     assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--split", "val", "--layer", "head.9")[::2],

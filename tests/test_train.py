@@ -46,8 +46,10 @@ TINY = FAST + ["data.subset=512", f"data.val_split={VAL}", f"data.eval_batch_siz
                "train.epochs=2", "train.target=0"]
 # for tests whose accuracies are faked: 2 steps of 64 images per epoch
 MINI = ["data.subset=128", "data.batch_size=64"]
-METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "train_seconds"}
-RESULT_KEYS = {"model", "dataset", "params", "epochs_run", "final_val_acc", "best_val_acc", "train_seconds", "target",
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tta", "epoch_seconds", "train_seconds",
+               "wall_seconds"}
+RESULT_KEYS = {"model", "dataset", "params", "epochs_run", "final_val_acc", "best_val_acc", "train_seconds",
+               "wall_seconds", "eval_split", "selected_on", "target",
                "time_to_target_s", "seed", "device", "dtype", "torch_version", "git_commit", "status"}
 
 
@@ -114,7 +116,7 @@ def test_short_mnist_run_exceeds_97_percent_and_writes_a_complete_run_dir(tmp_pa
     out = tmp_path / "run"
     res = train(cfg, out)
     r = res.result
-    assert r["final_val_acc"] > 0.97, res.history
+    assert r["final_test_acc"] > 0.97, res.history
     assert r["status"] == "done" and r["eval_split"] == "test"
 
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -128,8 +130,9 @@ def test_short_mnist_run_exceeds_97_percent_and_writes_a_complete_run_dir(tmp_pa
     assert rows == res.history and len(rows) == 2
     assert [row["epoch"] for row in rows] == [1, 2]
     for row in rows:
-        assert set(row) == METRIC_KEYS
-        assert 0 < row["lr"] and 0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1
+        # no validation split: the evaluation is on the test set and is named so
+        assert set(row) == {k.replace("val_", "test_") for k in METRIC_KEYS}
+        assert 0 < row["lr"] and 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
         assert row["epoch_seconds"] > 0
     assert rows[0]["train_seconds"] == pytest.approx(rows[0]["epoch_seconds"])
     assert rows[1]["train_seconds"] == pytest.approx(rows[0]["epoch_seconds"] + rows[1]["epoch_seconds"])
@@ -138,12 +141,14 @@ def test_short_mnist_run_exceeds_97_percent_and_writes_a_complete_run_dir(tmp_pa
 
     # result.json
     result = json.loads((out / "result.json").read_text())
-    assert RESULT_KEYS <= set(result)
+    assert {k.replace("_val_", "_test_") for k in RESULT_KEYS} <= set(result)
+    assert result["selected_on"] == "test" and "test set" in result["note"]
     assert result == json.loads(json.dumps(r))
     assert (result["model"], result["dataset"], result["epochs_run"], result["seed"]) == ("mnist_tiny", "mnist", 2, 0)
     assert result["params"] == summarize("mnist_tiny", dropout=0.05).total_params
-    assert result["final_val_acc"] == rows[-1]["val_acc"]
-    assert result["best_val_acc"] == max(row["val_acc"] for row in rows)
+    assert result["final_test_acc"] == rows[-1]["test_acc"]
+    assert result["best_test_acc"] == max(row["test_acc"] for row in rows)
+    assert not any(k.startswith("val_") or "_val_" in k for k in [*result, *rows[0]])
     assert result["train_seconds"] == pytest.approx(rows[-1]["train_seconds"])
     assert result["target"] == 0.994 and result["time_to_target_s"] is None  # the recipe's target, not reached
     assert (result["device"], result["dtype"], result["torch_version"]) == ("cpu", "float32", torch.__version__)
@@ -155,17 +160,17 @@ def test_short_mnist_run_exceeds_97_percent_and_writes_a_complete_run_dir(tmp_pa
     last = runs.load_checkpoint(out, "last")
     assert last["epoch"] == 2 and last["model_name"] == "mnist_tiny" and last["model_options"] == {"dropout": 0.05}
     assert config.from_dict(last["config"]) == cfg
-    val_loss, val_acc = evaluate_checkpoint(last, mnist_ok.test)
-    assert val_acc == pytest.approx(rows[-1]["val_acc"], abs=1e-6)
-    assert val_loss == pytest.approx(rows[-1]["val_loss"], rel=1e-5)
+    test_loss, test_acc = evaluate_checkpoint(last, mnist_ok.test)
+    assert test_acc == pytest.approx(rows[-1]["test_acc"], abs=1e-6)
+    assert test_loss == pytest.approx(rows[-1]["test_loss"], rel=1e-5)
     # best.pt: the epoch with the best accuracy (the same weights when that is the last epoch)
     best = runs.load_checkpoint(out, "best")
-    best_epoch = max(rows, key=lambda row: row["val_acc"])["epoch"]
+    best_epoch = max(rows, key=lambda row: row["test_acc"])["epoch"]
     assert best["epoch"] == best_epoch
     if best_epoch == last["epoch"]:
         assert same_state(best["state_dict"], last["state_dict"])
     else:
-        assert evaluate_checkpoint(best, mnist_ok.test)[1] == pytest.approx(rows[best_epoch - 1]["val_acc"], abs=1e-6)
+        assert evaluate_checkpoint(best, mnist_ok.test)[1] == pytest.approx(rows[best_epoch - 1]["test_acc"], abs=1e-6)
 
     summary = (out / "summary.txt").read_text()
     assert f"{result['params']:,}" in summary and "Conv2d" in summary
@@ -204,7 +209,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, interru
 
     resumed = train(None, out, resume=True)
     assert resumed.result["status"] == "done" and resumed.result["epochs_run"] == 3
-    timing = {"epoch_seconds", "train_seconds"}
+    timing = {"epoch_seconds", "train_seconds", "wall_seconds"}
     strip = [{k: v for k, v in row.items() if k not in timing} for row in full.history]
     assert [{k: v for k, v in row.items() if k not in timing} for row in resumed.history] == strip
     assert runs.read_metrics(out) == resumed.history
@@ -683,8 +688,8 @@ def test_threads_setting_applies_to_the_run_only(monkeypatch, mnist_ok):
     seen = {}
     real_setup = train_mod.setup
 
-    def spy(cfg, log=print):
-        s = real_setup(cfg, log)
+    def spy(cfg, model=None, log=print):
+        s = real_setup(cfg, model, log)
         seen["threads"] = torch.get_num_threads()
         return s
 
@@ -850,3 +855,53 @@ def test_optimizers_are_fused_and_stay_fused_after_loading_an_unfused_state(name
     step(twin, opt2)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- hooks for callers (search, notebooks)
+
+
+def test_on_epoch_sees_each_saved_row_and_stoprun_ends_the_run_cleanly(tmp_path, mnist_ok):
+    seen = []
+
+    def on_epoch(row):
+        seen.append((row["epoch"], len(runs.read_metrics(tmp_path / "run"))))  # the row is on disk already
+        if row["epoch"] == 2:
+            raise train_mod.StopRun("pruned")
+
+    res = train(tiny("train.epochs=4"), tmp_path / "run", on_epoch=on_epoch)
+    assert seen == [(1, 1), (2, 2)]
+    assert res.result["status"] == "pruned" and res.result["epochs_run"] == 2
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "pruned"
+    assert runs.load_checkpoint(tmp_path / "run", "last")["epoch"] == 2
+
+
+def test_a_ready_module_trains_without_a_registry_entry(tmp_path, mnist_ok):
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    cfg = tiny("train.epochs=1")
+    res = train(cfg, tmp_path / "run", model=net)
+    assert res.result["params"] == sum(p.numel() for p in net.parameters())
+    assert next(net.parameters()).grad is not None  # this very module was trained
+    assert 0 <= res.result["final_val_acc"] <= 1
+
+
+def test_setup_leaves_the_callers_config_alone(tmp_path, mnist_ok):
+    cfg = tiny("train.epochs=1")
+    before = config.to_dict(cfg)
+    train_mod.setup(cfg, log=lambda *a: None)
+    assert config.to_dict(cfg) == before
+
+
+def test_eval_every_and_tta_at_the_end_only(tmp_path, mnist_ok):
+    res = train(tiny("train.epochs=3", "train.eval_every=2", "train.tta=true", "train.tta_each_epoch=false"),
+                tmp_path / "run")
+    accs = [r["val_acc"] for r in res.history]
+    assert accs[0] is None and accs[1] is not None and accs[2] is not None  # epoch 2, and the last
+    assert [r.get("tta") for r in res.history] == [None, False, True]
+    # the final number is the TTA one, and it is what a fresh TTA evaluation of last.pt gives
+    last = runs.load_checkpoint(tmp_path / "run", "last")
+    assert evaluate_checkpoint(last, val_split_of(), tta=True)[1] == pytest.approx(accs[2], abs=1e-6)
+    assert res.result["final_val_acc"] == accs[2] and res.result["final_val_tta"] is True
+    # wall time counts evaluation and saving too, so it is never below training time
+    assert all(r["wall_seconds"] >= r["train_seconds"] for r in res.history)
+    assert res.result["wall_seconds"] >= res.result["train_seconds"]

@@ -86,10 +86,12 @@ def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=pri
         n_train, macs = res["images_per_epoch"], res["macs_per_image"]
         row = {
             "seed": seed,
-            "final_acc": res["final_val_acc"],
-            "best_acc": res["best_val_acc"],
+            "eval_split": res["eval_split"],
+            "final_acc": runs.final_acc(res),
+            "best_acc": runs.best_acc(res),
             "epochs_run": res["epochs_run"],
             "train_seconds": res["train_seconds"],
+            "wall_seconds": res["wall_seconds"],
             "time_to_target_s": res["time_to_target_s"],
             "target_epoch": res["target_epoch"],
             "seconds_per_epoch": res["train_seconds"] / max(1, res["epochs_run"]),

@@ -39,7 +39,7 @@ def cmd_summary(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from cnnlab import config, train
+    from cnnlab import config, runs, train
 
     if args.resume:
         if args.recipe or args.set or args.out or args.overwrite or args.quiet:
@@ -61,8 +61,9 @@ def cmd_train(args) -> int:
         return 130
     r = res.result
     ttt = f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None else "not reached"
-    print(f"{r['model']} on {r['dataset']}: final {r['eval_split']} acc {r['final_val_acc']:.2%}, best "
-          f"{r['best_val_acc']:.2%}, {r['train_seconds']:.1f} s training, time to target: {ttt}; run: {out}")
+    print(f"{r['model']} on {r['dataset']}: final {r['eval_split']} acc {runs.final_acc(r):.2%}, best "
+          f"{runs.best_acc(r):.2%}, {r['train_seconds']:.1f} s training ({r['wall_seconds']:.1f} s on the wall), "
+          f"time to target: {ttt}; run: {out}")
     return 0
 
 

@@ -97,6 +97,8 @@ class TrainConfig:
     lookahead: float = 0.0  # airbench's lookahead decay per step (0.95 there; 0 = off): see train.lookahead_update
     tta: bool = False  # average predictions over the image and its mirror at evaluation
     tta_shift: int = 0  # also average over the image shifted by +-N pixels along the diagonal (0 = off)
+    tta_each_epoch: bool = True  # false: one view per epoch, the TTA views at the last epoch only (wall time)
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
     quiet: bool = False
 
 
@@ -210,6 +212,7 @@ def validate(cfg: Config) -> None:
         (cfg.optim.decay >= 0, f"optim.decay = {cfg.optim.decay}: must be >= 0"),
         (0 <= cfg.train.ema < 1, f"train.ema = {cfg.train.ema}: must be in [0, 1)"),
         (0 <= cfg.train.lookahead < 1, f"train.lookahead = {cfg.train.lookahead}: must be in [0, 1) (airbench: 0.95)"),
+        (cfg.train.eval_every >= 1, f"train.eval_every = {cfg.train.eval_every}: must be >= 1 (1 = every epoch)"),
         (0 <= cfg.train.tta_shift <= 4, f"train.tta_shift = {cfg.train.tta_shift}: must be 0 (off) to 4 pixels"),
         (0 <= cfg.train.target <= 1, f"train.target = {cfg.train.target}: an accuracy in [0, 1], e.g. 0.994"),
         (0 < cfg.schedule.pct_start < 1, f"schedule.pct_start = {cfg.schedule.pct_start}: must be in (0, 1)"),

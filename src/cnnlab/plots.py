@@ -65,22 +65,29 @@ def grid_shape(n: int, cols: int) -> tuple[int, int]:
 
 
 def _column(rows: list[dict], key: str) -> list[float]:
-    return [r.get(key, float("nan")) for r in rows]
+    """One value per row (NaN where the row has none, e.g. an epoch that was not evaluated)."""
+    return [float("nan") if r.get(key) is None else r[key] for r in rows]
+
+
+def eval_split(rows: list[dict]) -> str:
+    """The split the rows were evaluated on: "val" (held out from training) or "test"."""
+    return "test" if any("test_acc" in r for r in rows) else "val"
 
 
 def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Loss and accuracy per epoch (train and evaluation), and the learning rate, from metrics.jsonl rows."""
     fig = new_figure(12, 3.8)
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 0.7]})
-    epochs = _column(rows, "epoch")
+    epochs, split = _column(rows, "epoch"), eval_split(rows)
     ax_loss.plot(epochs, _column(rows, "train_loss"), "o-", label="train")
-    ax_loss.plot(epochs, _column(rows, "val_loss"), "s-", label="evaluation")
+    ax_loss.plot(epochs, _column(rows, f"{split}_loss"), "s-", label=split)
     ax_loss.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.plot(epochs, [100 * v for v in _column(rows, "train_acc")], "o-", label="train")
-    ax_acc.plot(epochs, [100 * v for v in _column(rows, "val_acc")], "s-", label="evaluation")
-    best = max(range(len(rows)), key=lambda i: rows[i].get("val_acc", 0)) if rows else None
+    ax_acc.plot(epochs, [100 * v for v in _column(rows, f"{split}_acc")], "s-", label=split)
+    evaluated = [i for i, r in enumerate(rows) if r.get(f"{split}_acc") is not None]
+    best = max(evaluated, key=lambda i: rows[i][f"{split}_acc"]) if evaluated else None
     if best is not None:
-        v = 100 * rows[best]["val_acc"]
+        v = 100 * rows[best][f"{split}_acc"]
         ax_acc.annotate(f"best {v:.2f}%", (epochs[best], v), textcoords="offset points", xytext=(-8, -14),
                         ha="right", fontsize=9)
     ax_acc.set(title="accuracy", xlabel="epoch", ylabel="%")
@@ -103,9 +110,9 @@ def plot_compare(named_rows: list[tuple[str, list[dict]]], path: str | Path) -> 
     ax_acc, ax_loss = fig.subplots(1, 2)
     for i, (name, rows) in enumerate(named_rows):
         color = f"C{i % 10}"
-        epochs = _column(rows, "epoch")
-        ax_acc.plot(epochs, [100 * v for v in _column(rows, "val_acc")], "o-", color=color, label=name)
-        ax_loss.plot(epochs, _column(rows, "val_loss"), "o-", color=color, label=f"{name} (eval)")
+        epochs, split = _column(rows, "epoch"), eval_split(rows)
+        ax_acc.plot(epochs, [100 * v for v in _column(rows, f"{split}_acc")], "o-", color=color, label=f"{name} ({split})")
+        ax_loss.plot(epochs, _column(rows, f"{split}_loss"), "o-", color=color, label=f"{name} ({split})")
         ax_loss.plot(epochs, _column(rows, "train_loss"), "x--", color=color, alpha=0.6, label=f"{name} (train)")
     ax_acc.set(title="evaluation accuracy", xlabel="epoch", ylabel="%")
     ax_loss.set(title="loss (solid: evaluation, dashed: train)", xlabel="epoch", ylabel="cross-entropy")

@@ -116,6 +116,10 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
+def _loss(v) -> str:
+    return f"{v:.4f}" if v is not None else "-"
+
+
 def _secs(v) -> str:
     return "not reached" if v is None else f"{v:.1f} s"
 
@@ -156,20 +160,23 @@ def section_trained(run_dir: Path, result: dict) -> str:
 
 
 def section_training(run_dir: Path, result: dict, rows: list[dict]) -> str:
-    split = result.get("eval_split", "test")
+    split = runs.eval_split(result)
     target = result.get("target")
     ttt = _secs(result.get("time_to_target_s")) if target else "no target set"
     if target and result.get("target_epoch"):
         ttt += f" (epoch {result['target_epoch']})"
-    facts = numbers([(f"final {split} accuracy", _pct(result.get("final_val_acc"))),
-                     (f"best {split} accuracy", _pct(result.get("best_val_acc"))),
-                     ("target", _pct(target) if target else "none"), ("time to target", ttt),
-                     ("training time", _secs(result.get("train_seconds"))), ("status", result.get("status", "?"))])
+    facts = numbers([(f"final {split} accuracy", _pct(runs.final_acc(result))),
+                     (f"best {split} accuracy", _pct(runs.best_acc(result))),
+                     ("target", _pct(target) if target else "none"), (f"time to target ({split})", ttt),
+                     ("training time", _secs(result.get("train_seconds"))),
+                     ("wall time", _secs(result.get("wall_seconds"))), ("status", result.get("status", "?"))])
     parts = [f"<h2>2. How training went</h2>{facts}"]
+    if result.get("note"):
+        parts.append(f"<p class=note>{_esc(result['note'])}</p>")
     if (run_dir / "curves.png").is_file():
         parts.append(image_tag(run_dir / "curves.png", "loss, accuracy and learning rate per epoch"))
-    body = [[r["epoch"], f"{r['lr']:.3g}", f"{r['train_loss']:.4f}", _pct(r["train_acc"]), f"{r['val_loss']:.4f}",
-             _pct(r["val_acc"]), f"{r['epoch_seconds']:.1f}", f"{r['train_seconds']:.1f}"] for r in rows]
+    body = [[r["epoch"], f"{r['lr']:.3g}", f"{r['train_loss']:.4f}", _pct(r["train_acc"]), _loss(r.get(f"{split}_loss")),
+             _pct(r.get(f"{split}_acc")), f"{r['epoch_seconds']:.1f}", f"{r['train_seconds']:.1f}"] for r in rows]
     parts.append(table(["epoch", "lr", "train loss", "train acc", f"{split} loss", f"{split} acc", "epoch s",
                         "total train s"], body))
     if (run_dir / "lr_find.png").is_file():
@@ -253,7 +260,7 @@ def run_row(run_dir: Path) -> dict:
         r = None
     if r is not None:
         row.update(model=r.get("model", "?"), dataset=r.get("dataset", "?"), params=r.get("params"),
-                   epochs=r.get("epochs_run"), best_acc=r.get("best_val_acc"), time_to_target=r.get("time_to_target_s"),
+                   epochs=r.get("epochs_run"), best_acc=runs.best_acc(r), time_to_target=r.get("time_to_target_s"),
                    date=(r.get("finished") or "")[:16].replace("T", " "))
     else:
         try:

@@ -66,8 +66,53 @@ def is_run(path: Path) -> bool:
     return (path / "config.toml").is_file() and ((path / "result.json").is_file() or (path / "last.pt").is_file())
 
 
+# The checkpoint schema, one place: what rebuilds the model, then what continues training exactly.
+REBUILD_KEYS = ("model_name", "model_options", "num_classes", "config", "dataset")
+RESUME_KEYS = ("epoch", "state_dict", "optimizer", "ema_state_dict", "lookahead", "rng", "scaler", "history", "state")
+
+
+def checkpoint(*, model_name: str, model_options: dict, num_classes: int, config: dict, dataset: dict, epoch: int,
+               state_dict: dict, optimizer: dict | None = None, ema_state_dict: dict | None = None,
+               lookahead: list | None = None, rng: dict | None = None, scaler: dict | None = None,
+               history: list | None = None, state: dict | None = None, **extra) -> dict:
+    """A checkpoint (``last.pt``/``best.pt``): ``model_name``, ``model_options``, ``num_classes`` and
+    ``config`` rebuild the model; ``dataset`` (``dataset_facts``) is what its inputs were (name, classes,
+    mean, std, shape, eval_split); ``epoch`` (completed), weights (``state_dict``, ``ema_state_dict``),
+    ``optimizer``, airbench's ``lookahead`` average, ``rng`` and fp16 ``scaler`` states, ``history``
+    (the metrics rows) and ``state`` (the loop's counters) continue training exactly. ``extra``: what a
+    model from outside the zoo needs to be rebuilt (see models)."""
+    return {"model_name": model_name, "model_options": model_options, "num_classes": num_classes,
+            "config": config, "dataset": dataset, "epoch": epoch, "state_dict": state_dict,
+            "optimizer": optimizer, "ema_state_dict": ema_state_dict, "lookahead": lookahead, "rng": rng,
+            "scaler": scaler, "history": list(history or []), "state": dict(state or {}), **extra}
+
+
+def dataset_facts(ds) -> dict:
+    """What a checkpoint records of its dataset: enough to prepare new images exactly as in training."""
+    return {"name": ds.name, "classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std),
+            "shape": list(ds.shape), "eval_split": ds.test_name}
+
+
 def save_checkpoint(path: Path, ckpt: dict) -> None:
     atomic_torch_save(ckpt, path)
+
+
+def acc_key(split: str) -> str:
+    """The metrics/result key of accuracy on ``split`` ("val" or "test")."""
+    return f"{split}_acc"
+
+
+def eval_split(result: dict) -> str:
+    """The split a run was evaluated on while training ("val" or "test"), from its result.json."""
+    return result.get("eval_split") or "val"
+
+
+def best_acc(result: dict) -> float | None:
+    return result.get(f"best_{eval_split(result)}_acc")
+
+
+def final_acc(result: dict) -> float | None:
+    return result.get(f"final_{eval_split(result)}_acc")
 
 
 def load_checkpoint(run: Path, which: str = "last") -> dict:
@@ -84,8 +129,7 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
     except Exception as e:  # torch raises many types for damaged files
         raise CnnlabError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or re-run training") from None
-    missing = [k for k in ("model_name", "state_dict", "num_classes", "model_options", "config", "dataset")
-               if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in ("model_name", "state_dict", *REBUILD_KEYS[1:]) if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CnnlabError(f"{path}: not a cnnlab checkpoint (no {missing[0]}); expected a file made by `cnnlab train`")
     return ckpt

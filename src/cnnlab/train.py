@@ -1,11 +1,15 @@
-"""The training loop: one explicit function, ``train(cfg)``, and the pieces it is made of.
+"""The training loop: ``train(cfg, out)`` reads top to bottom as a few named steps.
 
-Per step: LR (and momentum) from the schedule, forward under autocast, loss, backward, step,
-EMA update. Per epoch: time the training (evaluation excluded), evaluate, write a row of
-``metrics.jsonl``, save ``last.pt`` (and ``best.pt``), print a table row, check the stops
-(target accuracy, plateau). ``train(cfg, out, resume=True)`` continues from ``last.pt`` with the
-saved optimizer and RNG states, so a resumed CPU run ends with the same metrics as one that
-was never interrupted.
+Per step: LR (and momentum) from the schedule, forward under autocast, loss, backward, optimizer
+step, lookahead and EMA updates. Per epoch (``run_epoch``): train, evaluate (every
+``train.eval_every`` epochs and after the last), record the row in the ``RunState`` (best, target,
+plateau), save ``last.pt`` (and ``best.pt``) and ``metrics.jsonl``, print the table row.
+``train(cfg, out, resume=True)`` restores the ``RunState``, optimizer and RNG states from
+``last.pt``, so a resumed CPU run ends with the same metrics as one that was never interrupted.
+
+Accuracy is named for the split it was measured on: ``val_acc`` when the recipe holds out a
+validation split (``data.val_split``), ``test_acc`` otherwise (then ``best.pt``, ``patience`` and
+``stop_at_target`` select on the test set, and result.json says so).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,7 @@ from cnnlab.config import Config
 from cnnlab.data import DATASETS, Dataset, Split, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, predict
-from cnnlab.models import create_model, get_spec
+from cnnlab.models import create_model, get_spec, list_models
 from cnnlab.schedules import lr_at
 from cnnlab.summary import summarize
 
@@ -40,6 +45,32 @@ class RunResult:
     run_dir: Path | None
     history: list[dict] = field(default_factory=list)
     result: dict = field(default_factory=dict)
+
+
+class StopRun(Exception):
+    """Raised by an ``on_epoch`` callback to end a run cleanly after that epoch (e.g. a pruned
+    search trial); ``status`` goes to result.json."""
+
+    def __init__(self, status: str = "stopped"):
+        super().__init__(status)
+        self.status = status
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C once the run's state is saved; carries the partial RunResult."""
+
+    def __init__(self, run_result: RunResult):
+        super().__init__("interrupted")
+        self.run_result = run_result
+
+
+class _Diverged(Exception):
+    def __init__(self, epoch: int, step: int, value: float, lr: float, what: str = "loss"):
+        super().__init__(f"{what} {value} at epoch {epoch} step {step}")
+        self.epoch, self.step, self.value, self.lr, self.what = epoch, step, value, lr, what
+
+
+# ----------------------------------------------------------------------------- setup
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,9 +91,10 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Setup:
-    """Everything a run needs, built from a config: data, model, loaders, optimizer."""
+    """Everything a run needs, built from a config: data, model, loaders, optimizer and the
+    training helpers (EMA copy, loss scaler, augmentation generator)."""
 
-    cfg: Config
+    cfg: Config  # the caller's config, resolved (an image folder's absolute path); the caller's is untouched
     ds: Dataset
     model: torch.nn.Module
     train_loader: Loader
@@ -73,38 +105,23 @@ class Setup:
     summary_text: str
     params: int
     macs: int  # multiply-accumulates of one forward pass, for this dataset's image size
+    forward: torch.nn.Module | None = None  # the model, or its torch.compile'd wrapper
+    ema: torch.nn.Module | None = None
+    scaler: torch.amp.GradScaler | None = None
+    gen: torch.Generator | None = None  # augmentation and shuffling, on the training device
 
-
-def forward_loss(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
-                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and the (float32) cross-entropy of one batch, under autocast to ``dtype``."""
-    with autocast(x.device, dtype):
-        logits = model(x)
-        return logits, F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-
-
-def backward_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  loss: torch.Tensor, grad_clip: float = 0.0) -> None:
-    """Gradients of ``loss`` (scaled for fp16), optional clipping, one optimizer step."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(opt)
-    scaler.update()
-
-
-def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 (its gradients underflow otherwise); a no-op for other dtypes."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    @property
+    def split(self) -> str:
+        """The split evaluated each epoch: "val" (held out from training) or "test"."""
+        return self.ds.test_name
 
 
 def check_compatible(cfg: Config, ds: Dataset) -> None:
-    spec = get_spec(cfg.model.name)
-    if spec.input_shape[0] != ds.shape[0]:
-        raise CnnlabError(f"model {spec.name} takes {spec.input_shape[0]}-channel images but {ds.name} has "
-                          f"{ds.shape[0]} channel(s); choose a model for {ds.shape[0]}-channel input (`cnnlab models`)")
+    if cfg.model.name in list_models():
+        spec = get_spec(cfg.model.name)
+        if spec.input_shape[0] != ds.shape[0]:
+            raise CnnlabError(f"model {spec.name} takes {spec.input_shape[0]}-channel images but {ds.name} has "
+                              f"{ds.shape[0]} channel(s); choose a model for {ds.shape[0]}-channel input (`cnnlab models`)")
     if cfg.data.batch_size > len(ds.train):
         raise CnnlabError(f"data.batch_size = {cfg.data.batch_size} is larger than the {len(ds.train)} training "
                           f"images of {ds.name}; use a batch size <= {len(ds.train)}")
@@ -115,9 +132,10 @@ def check_output(name: str, summary, ds: Dataset) -> None:
     gives more, and cross-entropy would train on them silently."""
     out = summary.output_shape
     if out != (ds.num_classes,):
+        size = f" ({'x'.join(map(str, get_spec(name).input_shape))})" if name in list_models() else ""
         raise CnnlabError(f"model {name} gives outputs of shape {out} on {ds.name}'s {'x'.join(map(str, ds.shape))} "
-                          f"images, not {ds.num_classes} class scores; use images of the model's size "
-                          f"({'x'.join(map(str, get_spec(name).input_shape))}) or a model with global pooling")
+                          f"images, not {ds.num_classes} class scores; use images of the model's size{size} "
+                          f"or a model with global pooling")
 
 
 NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -153,14 +171,12 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
     opt.load_state_dict({**state, "param_groups": groups})
 
 
-def setup(cfg: Config, log=print) -> Setup:
-    """Load data, build and check the model, loaders and optimizer for ``cfg``."""
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    dtype = DTYPES[cfg.train.dtype]
+def load_data(cfg: Config, log=print) -> tuple[Config, Dataset]:
+    """The dataset of ``cfg`` (with its validation split and training subset) and a copy of
+    ``cfg`` that names an image folder by its absolute path, so the run works from anywhere."""
+    cfg = copy.deepcopy(cfg)
     ds = load_dataset(cfg.data.dataset, root=cfg.data.root or None, val_split=cfg.data.val_split, log=log)
-    if cfg.data.dataset not in DATASETS:  # an image folder: keep its absolute path, so the run works from anywhere
+    if cfg.data.dataset not in DATASETS:
         cfg.data.dataset = str(Path(cfg.data.dataset).expanduser().resolve())
     if cfg.data.subset:
         ds.train = Split(ds.train.images[:cfg.data.subset], ds.train.labels[:cfg.data.subset])
@@ -168,10 +184,10 @@ def setup(cfg: Config, log=print) -> Setup:
     if cfg.data.crop_mode == "reflect" and cfg.data.crop_pad >= min(ds.shape[1:]):
         raise CnnlabError(f"data.crop_pad = {cfg.data.crop_pad} with reflect padding must be smaller than the "
                           f"{ds.shape[1]}x{ds.shape[2]} images; use e.g. crop_pad = 4")
-    torch.manual_seed(cfg.train.seed)
-    model = create_model(cfg.model.name, num_classes=ds.num_classes, **cfg.model.options)
-    summary = summarize(model, input_shape=ds.shape)  # raises a clear error when the shape does not fit
-    check_output(cfg.model.name, summary, ds)
+    return cfg, ds
+
+
+def make_loaders(cfg: Config, ds: Dataset, device: torch.device) -> tuple[Loader, Loader]:
     aug = Augment(cfg.data.crop_pad, cfg.data.crop_mode, cfg.data.flip, cfg.data.cutout, cfg.data.cutout_p,
                   cfg.data.alternate_flip)
     common = dict(device=device, channels_last=cfg.train.channels_last)
@@ -179,15 +195,64 @@ def setup(cfg: Config, log=print) -> Setup:
                           augment=aug, shuffle=True, drop_last=len(ds.train) > cfg.data.batch_size,
                           seed=cfg.train.seed, **common)
     eval_loader = Loader(ds.test.images, ds.test.labels, cfg.data.eval_batch_size, ds.mean, ds.std, **common)
+    return train_loader, eval_loader
+
+
+def setup(cfg: Config, model: torch.nn.Module | None = None, log=print) -> Setup:
+    """Load data, build (or take) and check the model, loaders, optimizer and helpers for ``cfg``."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    dtype = DTYPES[cfg.train.dtype]
+    cfg, ds = load_data(cfg, log)
+    torch.manual_seed(cfg.train.seed)
+    if model is None:
+        model = create_model(cfg.model.name, num_classes=ds.num_classes, **cfg.model.options)
+    summary = summarize(model, input_shape=ds.shape)  # raises a clear error when the shape does not fit
+    check_output(cfg.model.name, summary, ds)
+    train_loader, eval_loader = make_loaders(cfg, ds, device)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     if hasattr(model, "init_from_data"):
         n = min(len(ds.train), 5000)
         model.init_from_data(normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
-    optimizer = build_optimizer(model, cfg.optim)
-    return Setup(cfg, ds, model, train_loader, eval_loader, optimizer, device, dtype, summary.to_text(),
-                 summary.total_params, summary.macs)
+    return Setup(cfg, ds, model, train_loader, eval_loader, build_optimizer(model, cfg.optim), device, dtype,
+                 summary.to_text(), summary.total_params, summary.macs,
+                 forward=torch.compile(model) if cfg.train.compile else model,
+                 ema=copy.deepcopy(model).eval() if cfg.train.ema else None,
+                 # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (scaler disabled)
+                 scaler=grad_scaler(device, dtype),
+                 # augmentation draws on the training device: no host-device copy (and sync) per batch on a GPU
+                 gen=torch.Generator(device=device).manual_seed(cfg.train.seed))
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def forward_loss(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the (float32) cross-entropy of one batch, under autocast to ``dtype``."""
+    with autocast(x.device, dtype):
+        logits = model(x)
+        return logits, F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+
+
+def backward_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  loss: torch.Tensor, grad_clip: float = 0.0) -> None:
+    """Gradients of ``loss`` (scaled for fp16), optional clipping, one optimizer step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its gradients underflow otherwise); a no-op for other dtypes."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None) -> None:
@@ -233,6 +298,55 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         b_ema.copy_(b)
 
 
+def all_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter and buffer (BatchNorm statistics included) is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in (*model.parameters(), *model.buffers())
+               if t.is_floating_point())
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a timer reads true time."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- run state and checkpoints
+
+
+@dataclass
+class RunState:
+    """What changes from epoch to epoch of a run; ``last.pt`` holds it, a resume restores it."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)  # the metrics.jsonl rows
+    train_seconds: float = 0.0  # training only (evaluation excluded, as airbench and DAWNBench count)
+    wall_seconds: float = 0.0  # training, evaluation and saving, over every start and resume
+    best_acc: float = -1.0
+    bad_epochs: int = 0  # evaluated epochs since the best one
+    time_to_target_s: float | None = None
+    target_epoch: int | None = None
+    stopped: str | None = None  # "target" or "plateau" once the run stopped early
+    code: list[dict] = field(default_factory=list)  # the cnnlab checkout of each start and resume
+    lookahead: list | None = None  # airbench's lookahead average (tensors) once it starts
+
+    def snapshot(self) -> RunState:
+        """A copy to go back to (Ctrl-C reports what last.pt holds); tensors are replaced, not mutated, between saves."""
+        return replace(self, history=list(self.history), code=list(self.code))
+
+    def counters(self) -> dict:
+        return {k: getattr(self, k) for k in ("train_seconds", "wall_seconds", "best_acc", "bad_epochs",
+                                              "time_to_target_s", "target_epoch", "stopped", "code")}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device: torch.device) -> RunState:
+        c = dict(ckpt["state"])
+        c.setdefault("best_acc", c.pop("best_val_acc", -1.0))  # checkpoints before the split was named
+        c.setdefault("wall_seconds", c.get("train_seconds", 0.0))
+        known = {k: c[k] for k in cls().counters() if k in c}
+        look = [t.to(device) for t in ckpt["lookahead"]] if ckpt.get("lookahead") is not None else None
+        return cls(epoch=ckpt["epoch"], history=list(ckpt["history"]), lookahead=look, **known)
+
+
 def rng_state(gen: torch.Generator) -> dict:
     state = {"data": gen.get_state(), "data_device": gen.device.type, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -252,18 +366,265 @@ def set_rng_state(gen: torch.Generator, state: dict, log=print) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-HEADER = f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {'val_loss':>9} {'val_acc':>8} {'epoch_s':>8} {'train_s':>8}"
+def checkpoint(s: Setup, st: RunState) -> dict:
+    """The checkpoint of the run as it stands (schema: ``runs.checkpoint``)."""
+    return runs.checkpoint(
+        model_name=s.cfg.model.name, model_options=dict(s.cfg.model.options), num_classes=s.ds.num_classes,
+        config=config_mod.to_dict(s.cfg), dataset=runs.dataset_facts(s.ds), epoch=st.epoch,
+        state_dict=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
+        ema_state_dict=s.ema.state_dict() if s.ema is not None else None, lookahead=st.lookahead,
+        rng=rng_state(s.gen), scaler=s.scaler.state_dict() if s.scaler.is_enabled() else None,
+        history=st.history, state=st.counters())
 
 
-def table_row(r: dict) -> str:
-    return (f"{r['epoch']:>5} {r['lr']:>9.2e} {r['train_loss']:>10.4f} {100 * r['train_acc']:>8.2f}% "
-            f"{r['val_loss']:>9.4f} {100 * r['val_acc']:>7.2f}% {r['epoch_seconds']:>8.1f} {r['train_seconds']:>8.1f}")
+def restore(s: Setup, ckpt: dict, out: Path, log) -> RunState:
+    """Load a checkpoint's weights, optimizer, EMA, scaler and RNG states into ``s``; its RunState."""
+    runs.load_weights(s.model, ckpt["state_dict"], s.cfg.model.name)
+    if len(ckpt["optimizer"]["param_groups"]) != len(s.optimizer.param_groups):
+        raise CnnlabError(f"{out}/last.pt holds optimizer state for {len(ckpt['optimizer']['param_groups'])} "
+                          f"parameter groups, this cnnlab makes {len(s.optimizer.param_groups)} (an older version "
+                          f"saved it); start the run again with --overwrite")
+    load_optimizer_state(s.optimizer, ckpt["optimizer"])
+    if s.ema is not None and ckpt.get("ema_state_dict"):
+        s.ema.load_state_dict(ckpt["ema_state_dict"])
+    if ckpt.get("scaler"):
+        s.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(s.gen, ckpt["rng"], log)
+    return RunState.from_checkpoint(ckpt, s.device)
 
 
-def sync(device: torch.device | str) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously), so a timer reads true time."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+def result_json(s: Setup, st: RunState, status: str) -> dict:
+    """result.json: the outcome of the run, its accuracy named for the split it was measured on."""
+    cfg, split = s.cfg, s.split
+    evaluated = [r for r in st.history if r.get(f"{split}_acc") is not None]
+    last = evaluated[-1] if evaluated else {}
+    return {
+        "status": status, "model": cfg.model.name, "dataset": s.ds.name, "eval_split": split,
+        "selected_on": split,  # what best.pt, patience and stop_at_target compared
+        **({"note": "no validation split (data.val_split = 0): every accuracy here is on the test set, and best.pt, "
+                    "patience and stop_at_target selected on it"} if split == "test" else {}),
+        "params": s.params, "macs_per_image": s.macs, "train_images": len(s.ds.train),
+        "images_per_epoch": s.train_loader.images_per_epoch, "epochs_run": len(st.history), "epochs": cfg.train.epochs,
+        f"final_{split}_acc": last.get(f"{split}_acc"), f"final_{split}_tta": last.get("tta"),
+        f"best_{split}_acc": max((r[f"{split}_acc"] for r in evaluated), default=None),
+        f"final_{split}_loss": last.get(f"{split}_loss"), "train_seconds": st.train_seconds,
+        "wall_seconds": st.wall_seconds, "target": cfg.train.target or None,
+        "time_to_target_s": st.time_to_target_s, "target_epoch": st.target_epoch, "seed": cfg.train.seed,
+        "device": str(s.device), "dtype": cfg.train.dtype, "threads": torch.get_num_threads(),
+        "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "batch_size": cfg.data.batch_size,
+        "torch_version": torch.__version__, "git_commit": st.code[0]["commit"],
+        "git_dirty": any(c["dirty"] for c in st.code), "code": st.code,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def finish(out: Path | None, s: Setup, st: RunState, status: str) -> RunResult:
+    res = result_json(s, st, status)
+    if out is not None:
+        runs.write_json(out / "result.json", res)
+    return RunResult(out, st.history, res)
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
+    """One pass over the training data; the start of the epoch's metrics row."""
+    cfg, model, opt, device = s.cfg, s.model, s.optimizer, s.device
+    model.train()
+    if hasattr(model, "start_epoch"):  # a model's own per-epoch rule (airbench: freeze the whitening bias)
+        model.start_epoch(epoch)
+    steps_per_epoch, total = len(s.train_loader), len(s.train_loader) * cfg.train.epochs
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, lr = 0, 0.0
+    sync(device)
+    t0 = time.perf_counter()
+    with _progress(steps_per_epoch, epoch, cfg.train.quiet) as bar:
+        for i, (x, y) in enumerate(s.train_loader.epoch(s.gen, epoch)):
+            step = (epoch - 1) * steps_per_epoch + i
+            lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
+            set_lr(opt, lr, mom)
+            logits, loss = forward_loss(s.forward, x, y, s.dtype, cfg.optim.label_smoothing)
+            if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on CUDA the epoch-end check
+                raise _Diverged(epoch, i + 1, float(loss.detach()), lr)
+            backward_step(model, opt, s.scaler, loss, cfg.optim.grad_clip)
+            if cfg.train.lookahead:
+                st.lookahead = lookahead_update(st.lookahead, model, step, total, cfg.train.lookahead)
+            if s.ema is not None:
+                ema_update(s.ema, model, cfg.train.ema)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            bar.update()
+    if st.lookahead is not None and epoch == cfg.train.epochs:  # training ends on the average (airbench)
+        with torch.no_grad():
+            torch._foreach_copy_(float_state(model), st.lookahead)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    st.train_seconds += seconds
+    return {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+            "epoch_seconds": seconds, "train_seconds": st.train_seconds}
+
+
+def evaluate_epoch(s: Setup, row: dict) -> None:
+    """Add the evaluation split's loss and accuracy to ``row`` (None on epochs ``eval_every`` skips);
+    with ``tta_each_epoch = false`` the TTA views are used after the last epoch only."""
+    cfg, epoch, split = s.cfg.train, row["epoch"], s.split
+    last = epoch == cfg.epochs
+    if not (last or epoch % cfg.eval_every == 0):
+        row.update({f"{split}_loss": None, f"{split}_acc": None})
+        return
+    tta = cfg.tta_each_epoch or last
+    logits, labels = predict(s.ema if s.ema is not None else s.forward, s.eval_loader, cfg.tta and tta, s.dtype,
+                             cfg.tta_shift if tta else 0)
+    loss, acc = loss_and_accuracy(logits, labels)
+    if not (math.isfinite(loss) and all_finite(s.model)):
+        raise _Diverged(epoch, len(s.train_loader), loss, row["lr"], "evaluation loss")
+    row.update({f"{split}_loss": loss, f"{split}_acc": acc, "tta": bool((cfg.tta or cfg.tta_shift) and tta)})
+
+
+def record(s: Setup, st: RunState, row: dict) -> tuple[bool, bool]:
+    """Add ``row`` to the history: best accuracy, time to target, plateau count, the stop reason.
+    Returns (the row is the best evaluation so far, the row reached the target first)."""
+    cfg, acc = s.cfg.train, row[f"{s.split}_acc"]
+    st.history.append(row)
+    st.epoch = row["epoch"]
+    if acc is None:
+        return False, False
+    improved = acc > st.best_acc
+    st.bad_epochs = 0 if improved else st.bad_epochs + 1
+    st.best_acc = max(st.best_acc, acc)
+    hit = bool(cfg.target and acc >= cfg.target and st.time_to_target_s is None)
+    if hit:
+        st.time_to_target_s, st.target_epoch = st.train_seconds, row["epoch"]
+    st.stopped = ("target" if hit and cfg.stop_at_target else
+                  "plateau" if cfg.patience and st.bad_epochs >= cfg.patience else None)
+    return improved, hit
+
+
+def save_epoch(out: Path | None, s: Setup, st: RunState, improved: bool) -> None:
+    """best.pt (when improved), last.pt, then metrics.jsonl: a metrics row always has its last.pt."""
+    if out is None:
+        return
+    ckpt = checkpoint(s, st)
+    if improved:
+        runs.save_checkpoint(out / "best.pt", ckpt)
+    runs.save_checkpoint(out / "last.pt", ckpt)
+    runs.write_metrics(out, st.history)
+
+
+def run_epoch(out: Path | None, s: Setup, st: RunState, epoch: int, say) -> None:
+    """Train, evaluate, record and save one epoch; print its row."""
+    t0, wall0 = time.perf_counter(), st.wall_seconds
+    row = train_epoch(s, st, epoch)
+    evaluate_epoch(s, row)
+    row["wall_seconds"] = st.wall_seconds = wall0 + time.perf_counter() - t0
+    improved, hit = record(s, st, row)
+    save_epoch(out, s, st, improved)
+    st.wall_seconds = wall0 + time.perf_counter() - t0  # the save counts toward the next epoch's wall time
+    say(table_row(row, s.split) + ("  <- target" if hit else ""))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: bool = False,
+          overwrite: bool = False, model: torch.nn.Module | None = None,
+          on_epoch: Callable[[dict], None] | None = None, log=print) -> RunResult:
+    """Train per ``cfg`` into run directory ``out`` (None: nothing written); return the history.
+
+    With ``resume``, ``cfg`` may be None: the config comes from ``out/last.pt``. ``model``: a ready
+    module to train instead of the one ``cfg.model`` names (pass it again to resume). ``on_epoch(row)``
+    runs after each epoch is saved and may raise ``StopRun`` to end the run there. ``train.threads``
+    applies for the run only: torch's thread count is given back afterwards.
+    """
+    with torch_threads(0):  # setup() applies train.threads (read from the checkpoint on resume)
+        return _train(cfg, out, resume, overwrite, model, on_epoch, log)
+
+
+def _train(cfg, out, resume, overwrite, model, on_epoch, log) -> RunResult:
+    out = Path(out) if out is not None else None
+    ckpt = open_resume(out) if resume else None
+    if ckpt is not None:
+        out, cfg = out.parent if out.is_file() else out, config_mod.from_dict(ckpt["config"])
+    elif out is not None:
+        check_out_dir(out, overwrite)
+    say = (lambda *a, **k: None) if cfg.train.quiet else log
+    s = setup(cfg, model, log=say)
+    st = restore(s, ckpt, out, log) if ckpt is not None else RunState()
+    if st.stopped:
+        say(f"{out} already finished ({st.stopped}); nothing to resume")
+        return RunResult(out, st.history, runs.read_result(out))
+    if ckpt is not None:
+        say(f"resuming {out} at epoch {st.epoch + 1}")
+    elif out is not None:
+        clear_run_dir(out)
+    st.code.append({**runs.git_state(), "from_epoch": st.epoch + 1})
+    if out is not None:
+        runs.write_text(out / "config.toml", config_mod.to_toml(s.cfg))
+        runs.write_text(out / "summary.txt", s.summary_text + "\n")
+    say(header(s.split))
+    for r in st.history:
+        say(table_row(r, s.split))
+    saved = st.snapshot()  # what last.pt holds
+    try:
+        for epoch in range(st.epoch + 1, s.cfg.train.epochs + 1):
+            run_epoch(out, s, st, epoch, say)
+            saved = st.snapshot()
+            if on_epoch is not None:
+                on_epoch(st.history[-1])
+            if st.stopped:
+                say(stop_message(s, st))
+                break
+    except KeyboardInterrupt:
+        raise interrupted(out, s, saved if out is not None else st, log) from None
+    except _Diverged as d:
+        raise diverged(out, s, st, d) from None
+    except StopRun as stop:
+        return finish(out, s, st, stop.status)
+    return finish(out, s, st, "target" if st.time_to_target_s is not None else "done")
+
+
+def open_resume(out: Path | None) -> dict:
+    if out is None:
+        raise CnnlabError("--resume needs the run directory to continue, e.g. --resume runs/mnist_tiny")
+    return runs.load_checkpoint(out, "last")
+
+
+def stop_message(s: Setup, st: RunState) -> str:
+    if st.stopped == "target":
+        return (f"reached target {s.cfg.train.target:.2%} at epoch {st.epoch} after {st.train_seconds:.1f} s "
+                f"of training")
+    return f"stopping early: no improvement for {s.cfg.train.patience} epochs"
+
+
+def interrupted(out: Path | None, s: Setup, saved: RunState, log) -> Interrupted:
+    """After Ctrl-C (or SIGTERM): result.json for what last.pt holds; the exception to raise."""
+    done = len(saved.history)
+    log(f"interrupted in epoch {saved.epoch + 1}; "
+        f"{'last.pt holds epoch ' + str(done) if out and done else 'nothing saved'}"
+        + (f"; continue with: cnnlab train --resume {out}" if out else ""))
+    return Interrupted(finish(out, s, saved, "interrupted"))
+
+
+def diverged(out: Path | None, s: Setup, st: RunState, d: _Diverged) -> CnnlabError:
+    finish(out, s, st, "diverged")
+    kept = f"; the last good checkpoint is {out / 'last.pt'} (epoch {len(st.history)})" if out and st.history else ""
+    return CnnlabError(f"{d.what} became {d.value} at epoch {d.epoch}, step {d.step} (lr {d.lr:.3g}): the learning "
+                       f"rate is probably too high, lower optim.lr{kept}")
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads (0: leave the count as it is), then give the old count back."""
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 # what a run writes; --overwrite removes these (an LR-finder result in the folder is kept)
@@ -289,235 +650,33 @@ def clear_run_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: bool = False,
-          overwrite: bool = False, log=print) -> RunResult:
-    """Train per ``cfg`` into run directory ``out`` (None: nothing written); return the history.
+# ----------------------------------------------------------------------------- what the user sees
 
-    With ``resume``, ``cfg`` may be None: the config comes from ``out/last.pt``. ``train.threads``
-    applies for the run only: torch's thread count is given back afterwards.
-    """
-    with torch_threads(0):  # setup() applies train.threads (read from the checkpoint on resume)
-        return _train(cfg, out, resume, overwrite, log)
+
+def header(split: str) -> str:
+    return (f"{'epoch':>5} {'lr':>9} {'train_loss':>10} {'train_acc':>9} {split + '_loss':>9} {split + '_acc':>8} "
+            f"{'epoch_s':>8} {'train_s':>8}")
+
+
+def table_row(r: dict, split: str) -> str:
+    loss, acc = r.get(f"{split}_loss"), r.get(f"{split}_acc")
+    evaluated = (f"{loss:>9.4f} {100 * acc:>7.2f}%" if acc is not None else f"{'-':>9} {'-':>8}")
+    return (f"{r['epoch']:>5} {r['lr']:>9.2e} {r['train_loss']:>10.4f} {100 * r['train_acc']:>8.2f}% "
+            f"{evaluated} {r['epoch_seconds']:>8.1f} {r['train_seconds']:>8.1f}")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 @contextmanager
-def torch_threads(n: int):
-    """Run the block with ``n`` torch threads (0: leave the count as it is), then give the old count back."""
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: bool, log) -> RunResult:
-    out = Path(out) if out is not None else None
-    ckpt = None
-    if resume:
-        if out is None:
-            raise CnnlabError("--resume needs the run directory to continue, e.g. --resume runs/mnist_tiny")
-        ckpt = runs.load_checkpoint(out, "last")
-        out = out.parent if out.is_file() else out
-        cfg = config_mod.from_dict(ckpt["config"])
-    elif out is not None:
-        check_out_dir(out, overwrite)
-    quiet = cfg.train.quiet
-    say = (lambda *a, **k: None) if quiet else log
-    s = setup(cfg, log=say)
-    if out is not None and ckpt is None:
-        clear_run_dir(out)
-    model, opt, device = s.model, s.optimizer, s.device
-    ema = copy.deepcopy(model).eval() if cfg.train.ema else None
-    lookahead = None  # the lookahead average (a list of tensors) once it starts
-    fwd = torch.compile(model) if cfg.train.compile else model
-    # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (scaler disabled)
-    scaler = grad_scaler(device, s.dtype)
-    # augmentation draws on the training device: no host-device copy (and sync) per batch on a GPU
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    steps_per_epoch = len(s.train_loader)
-    history: list[dict] = []
-    state = {"train_seconds": 0.0, "best_val_acc": -1.0, "time_to_target_s": None, "target_epoch": None,
-             "bad_epochs": 0, "code": []}  # code: the cnnlab checkout each start or resume trained with
-    start_epoch = 1
-    if ckpt is not None:
-        runs.load_weights(model, ckpt["state_dict"], cfg.model.name)
-        if len(ckpt["optimizer"]["param_groups"]) != len(opt.param_groups):
-            raise CnnlabError(f"{out}/last.pt holds optimizer state for {len(ckpt['optimizer']['param_groups'])} "
-                              f"parameter groups, this cnnlab makes {len(opt.param_groups)} (an older version saved "
-                              f"it); start the run again with --overwrite")
-        load_optimizer_state(opt, ckpt["optimizer"])
-        if ema is not None and ckpt.get("ema_state_dict"):
-            ema.load_state_dict(ckpt["ema_state_dict"])
-        if ckpt.get("lookahead") is not None:
-            lookahead = [t.to(device) for t in ckpt["lookahead"]]
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(gen, ckpt["rng"], log)
-        history = list(ckpt["history"])
-        state.update(ckpt["state"])
-        start_epoch = ckpt["epoch"] + 1
-        if state.get("stopped"):
-            say(f"{out} already finished ({state['stopped']}); nothing to resume")
-            return RunResult(out, history, runs.read_result(out))
-        say(f"resuming {out} at epoch {start_epoch}")
-    state["code"].append({**runs.git_state(), "from_epoch": start_epoch})
-    meta = {"model_name": cfg.model.name, "model_options": dict(cfg.model.options), "num_classes": s.ds.num_classes,
-            "config": config_mod.to_dict(cfg), "dataset": {"name": s.ds.name, "classes": s.ds.classes,
-            "mean": list(s.ds.mean), "std": list(s.ds.std), "shape": list(s.ds.shape), "eval_split": s.ds.test_name}}
-    if out is not None:
-        runs.write_text(out / "config.toml", config_mod.to_toml(cfg))
-        runs.write_text(out / "summary.txt", s.summary_text + "\n")
-
-    def result(status: str) -> dict:
-        last = history[-1] if history else {}
-        return {
-            "status": status, "model": cfg.model.name, "dataset": s.ds.name, "eval_split": s.ds.test_name,
-            "params": s.params, "macs_per_image": s.macs, "train_images": len(s.ds.train), "images_per_epoch": s.train_loader.images_per_epoch, "epochs_run": len(history), "epochs": cfg.train.epochs,
-            "final_val_acc": last.get("val_acc"), "best_val_acc": max((r["val_acc"] for r in history), default=None),
-            "final_val_loss": last.get("val_loss"), "train_seconds": state["train_seconds"],
-            "target": cfg.train.target or None, "time_to_target_s": state["time_to_target_s"],
-            "target_epoch": state["target_epoch"], "seed": cfg.train.seed, "device": str(device),
-            "dtype": cfg.train.dtype, "threads": torch.get_num_threads(), "channels_last": cfg.train.channels_last,
-            "compile": cfg.train.compile, "batch_size": cfg.data.batch_size, "torch_version": torch.__version__,
-            "git_commit": state["code"][0]["commit"], "git_dirty": any(c["dirty"] for c in state["code"]),
-            "code": state["code"], "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-
-    def save(epoch: int, name: str) -> None:
-        if out is None:
-            return
-        runs.save_checkpoint(out / name, {
-            **meta, "epoch": epoch, "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
-            "ema_state_dict": ema.state_dict() if ema is not None else None, "lookahead": lookahead,
-            "rng": rng_state(gen),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "history": history, "state": dict(state)})
-
-    def finish(status: str) -> RunResult:
-        res = result(status)
-        if out is not None:
-            runs.write_json(out / "result.json", res)
-        return RunResult(out, history, res)
-
-    say(HEADER)
-    for r in history:
-        say(table_row(r))
-    epoch, step_in_epoch = start_epoch, 0
-    saved_rows, saved_state = len(history), dict(state)  # what last.pt holds
-    try:
-        for epoch in range(start_epoch, cfg.train.epochs + 1):
-            model.train()
-            if hasattr(model, "start_epoch"):  # a model's own per-epoch rule (airbench: freeze the whitening bias)
-                model.start_epoch(epoch)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            sync(device)
-            t0 = time.perf_counter()
-            bar = _progress(steps_per_epoch, epoch, quiet)
-            try:
-                for step_in_epoch, (x, y) in enumerate(s.train_loader.epoch(gen, epoch)):
-                    step = (epoch - 1) * steps_per_epoch + step_in_epoch
-                    lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
-                    set_lr(opt, lr, mom)
-                    logits, loss = forward_loss(fwd, x, y, s.dtype, cfg.optim.label_smoothing)
-                    if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on CUDA the epoch-end check
-                        raise _Diverged(epoch, step_in_epoch + 1, float(loss.detach()), lr)
-                    backward_step(model, opt, scaler, loss, cfg.optim.grad_clip)
-                    if cfg.train.lookahead:
-                        lookahead = lookahead_update(lookahead, model, step, steps_per_epoch * cfg.train.epochs,
-                                                     cfg.train.lookahead)
-                    if ema is not None:
-                        ema_update(ema, model, cfg.train.ema)
-                    loss_sum += loss.detach() * len(y)
-                    correct += (logits.argmax(1) == y).sum()
-                    seen += len(y)
-                    if bar is not None:
-                        bar.update(1)
-            finally:
-                if bar is not None:
-                    bar.close()
-            if lookahead is not None and epoch == cfg.train.epochs:  # training ends on the average (airbench)
-                with torch.no_grad():
-                    torch._foreach_copy_(float_state(model), lookahead)
-            sync(device)
-            epoch_seconds = time.perf_counter() - t0
-            state["train_seconds"] += epoch_seconds
-            logits_v, labels_v = predict(ema if ema is not None else fwd, s.eval_loader, cfg.train.tta, s.dtype,
-                                         cfg.train.tta_shift)
-            val_loss, val_acc = loss_and_accuracy(logits_v, labels_v)
-            if not (math.isfinite(val_loss) and all_finite(model)):
-                raise _Diverged(epoch, steps_per_epoch, val_loss, lr, "evaluation loss")
-            row = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
-                   "val_loss": val_loss, "val_acc": val_acc, "epoch_seconds": epoch_seconds,
-                   "train_seconds": state["train_seconds"]}
-            history.append(row)
-            improved = val_acc > state["best_val_acc"]
-            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-            state["best_val_acc"] = max(state["best_val_acc"], val_acc)
-            hit = cfg.train.target and val_acc >= cfg.train.target and state["time_to_target_s"] is None
-            if hit:
-                state["time_to_target_s"], state["target_epoch"] = state["train_seconds"], epoch
-            stop = ("target" if hit and cfg.train.stop_at_target else
-                    "plateau" if cfg.train.patience and state["bad_epochs"] >= cfg.train.patience else None)
-            state["stopped"] = stop
-            if improved:
-                save(epoch, "best.pt")
-            save(epoch, "last.pt")
-            saved_rows, saved_state = len(history), dict(state)
-            if out is not None:  # after the checkpoints: a metrics row always has its last.pt
-                runs.write_metrics(out, history)
-            say(table_row(row) + ("  <- target" if hit else ""))
-            if stop == "target":
-                say(f"reached target {cfg.train.target:.2%} at epoch {epoch} after {state['train_seconds']:.1f} s of training")
-                break
-            if stop == "plateau":
-                say(f"stopping early: no improvement for {cfg.train.patience} epochs")
-                break
-    except KeyboardInterrupt:
-        if out is not None:  # interrupted after training or while saving: report what last.pt holds
-            del history[saved_rows:]
-            state.clear()
-            state.update(saved_state)
-        done = len(history)
-        log(f"interrupted in epoch {epoch}; {'last.pt holds epoch ' + str(done) if out and done else 'nothing saved'}"
-            + (f"; continue with: cnnlab train --resume {out}" if out else ""))
-        res = finish("interrupted")
-        raise Interrupted(res) from None
-    except _Diverged as d:
-        finish("diverged")
-        kept = f"; the last good checkpoint is {out / 'last.pt'} (epoch {len(history)})" if out and history else ""
-        raise CnnlabError(f"{d.what} became {d.value} at epoch {d.epoch}, step {d.step} (lr {d.lr:.3g}): the learning rate "
-                          f"is probably too high, lower optim.lr{kept}") from None
-    status = "target" if state["time_to_target_s"] is not None else "done"
-    return finish(status)
-
-
-class _Diverged(Exception):
-    def __init__(self, epoch: int, step: int, value: float, lr: float, what: str = "loss"):
-        super().__init__(f"{what} {value} at epoch {epoch} step {step}")
-        self.epoch, self.step, self.value, self.lr, self.what = epoch, step, value, lr, what
-
-
-def all_finite(model: torch.nn.Module) -> bool:
-    """True when every parameter and buffer (BatchNorm statistics included) is finite."""
-    return all(bool(torch.isfinite(t).all()) for t in (*model.parameters(), *model.buffers())
-               if t.is_floating_point())
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised after Ctrl-C once the run's state is saved; carries the partial RunResult."""
-
-    def __init__(self, run_result: RunResult):
-        super().__init__("interrupted")
-        self.run_result = run_result
-
-
 def _progress(total: int, epoch: int, quiet: bool):
+    """A progress bar within the epoch on a terminal; nothing when quiet, piped or in CI."""
     if quiet or not sys.stderr.isatty() or os.environ.get("CI"):
-        return None
+        yield _NoBar()
+        return
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch}", leave=False, unit="batch", dynamic_ncols=True)
+    with tqdm(total=total, desc=f"epoch {epoch}", leave=False, unit="batch", dynamic_ncols=True) as bar:
+        yield bar
