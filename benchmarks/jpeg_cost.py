@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cnnlab import config, data, runs  # noqa: E402
+from cnnlab import config, data, formats, runs  # noqa: E402
 from cnnlab.augment import Loader  # noqa: E402
 from cnnlab.evaluate import DTYPES, loss_and_accuracy, predict  # noqa: E402
 from cnnlab.runs import load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -74,7 +74,7 @@ def main() -> None:
     args = p.parse_args()
 
     info = data.DATASETS["cifar10"]
-    raw, _, _ = data.read_cifar_files(info, data.cifar_files_from(args.shared, info), str(args.shared))
+    raw, _, _ = formats.read_cifar_files(info, formats.cifar_files_from(args.shared, info), str(args.shared))
     x, y = raw["train_images"], raw["train_labels"]
     error = np.abs(jpeg_round_trip(x).astype(np.int16) - x).mean((1, 2, 3))
     keep = error > args.threshold

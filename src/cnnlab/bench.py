@@ -25,6 +25,7 @@ from cnnlab.config import Config
 from cnnlab.evaluate import DTYPES, autocast
 from cnnlab.models import create_model, get_spec, list_models
 from cnnlab.summary import data_facts, summarize
+from cnnlab.tables import format_table
 from cnnlab.train import resolve_device, sync, torch_threads, train
 
 # Training FLOPs per image = 6 x MACs: the forward pass is 2 FLOPs per MAC, the backward pass twice
@@ -151,18 +152,16 @@ def markdown(result: dict) -> str:
         return f"{100 * v:.2f}%" if pct else f"{v:.1f}{unit}"
 
     split = result["runs"][0].get("eval_split", "val") if result["runs"] else "val"
-    lines = [f"| seed | final {split} acc | time to {fmt(result['target'], True)} (s) | epochs | s/epoch | train img/s "
-             f"| train s | wall s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["runs"]:
-        lines.append(f"| {r['seed']} | {fmt(r['final_acc'], True)} | {fmt(r['time_to_target_s'])} | {r['epochs_run']} | "
-                     f"{fmt(r['seconds_per_epoch'])} | {fmt(r['train_images_per_s'])} | {fmt(r['train_seconds'])} | "
-                     f"{fmt(r['wall_seconds'])} |")
+    head = ["seed", f"final {split} acc", f"time to {fmt(result['target'], True)} (s)", "epochs", "s/epoch",
+            "train img/s", "train s", "wall s"]
+    body = [[r["seed"], fmt(r["final_acc"], True), fmt(r["time_to_target_s"]), r["epochs_run"],
+             fmt(r["seconds_per_epoch"]), fmt(r["train_images_per_s"]), fmt(r["train_seconds"]),
+             fmt(r["wall_seconds"])] for r in result["runs"]]
     t, a, w = result["time_to_target_s"], result["final_acc"], result["wall_over_train"]
-    lines.append(f"| **median** | {fmt(a['median'], True)} | {fmt(t['median'])} | | "
-                 f"{fmt(result['seconds_per_epoch']['median'])} | {fmt(result['train_images_per_s']['median'])} | | "
-                 f"{w['median']:.2f}x train |")
+    body.append(["**median**", fmt(a["median"], True), fmt(t["median"]), "", fmt(result["seconds_per_epoch"]["median"]),
+                 fmt(result["train_images_per_s"]["median"]), "", f"{w['median']:.2f}x train"])
     env = result["environment"]
-    lines.append("")
+    lines = [format_table(head, body, left=(), markdown=True), ""]
     g = result["train_gflops"]["median"]
     lines.append(f"training compute: {result['macs_per_image']:,} MACs/image x {TRAIN_FLOPS_PER_MAC} = {g:.1f} GFLOP/s (median), "
                  f"{100 * g / result['peak_gflops']:.1f}% of this machine's {result['environment'].get('dtype')} "
@@ -245,9 +244,8 @@ def throughput(entries: list[str | Config] | None = None, batch_size: int | None
 
 
 def throughput_markdown(rows: list[dict]) -> str:
-    lines = ["| model | batch | dtype | layout | ms/step | img/s | GFLOP/s | % of matmul peak |",
-             "|---|---:|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['dtype']} | {'channels_last' if r['channels_last'] else 'NCHW'} "
-                     f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {r['gflops']:.1f} | {r['pct_of_peak']:.1f} |")
-    return "\n".join(lines)
+    head = ["model", "batch", "dtype", "layout", "ms/step", "img/s", "GFLOP/s", "% of matmul peak"]
+    body = [[r["model"], r["batch_size"], r["dtype"], "channels_last" if r["channels_last"] else "NCHW",
+             f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['pct_of_peak']:.1f}"]
+            for r in rows]
+    return format_table(head, body, left=(0, 2, 3), markdown=True)

@@ -1,15 +1,19 @@
 """The ``cnnlab`` command: wires the library's modules to subcommands.
 
 Each subcommand is one small function. Bad input raises ``CnnlabError`` in the library; here it
-becomes one line on stderr and exit code 2, with no traceback.
+becomes one line on stderr and exit code 2, with no traceback. So does an ``OSError`` on a path
+the user gave (an argument, the working directory, the data cache); any other ``OSError`` is a bug
+and shows its traceback. ``--debug`` (or ``CNNLAB_DEBUG=1``) shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from cnnlab.errors import CnnlabError
@@ -183,6 +187,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cnnlab", description="Train, understand and benchmark compact CNNs.")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of any error (also CNNLAB_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="acquire a dataset or describe it")
@@ -267,19 +273,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("CNNLAB_DEBUG") == "1"
     try:
         code = args.func(args)
     except CnnlabError as e:
+        if debug:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, permission denied, ... on a path the user gave
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''} (check the path, its permissions "
-              f"and free space)", file=sys.stderr)
+    except OSError as e:  # permission denied, not a directory, ... : one line if on a path the user gave
+        if not on_user_path(e, args):
+            raise  # an OSError on cnnlab's own files, or on none, is a bug: its traceback shows where
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e.strerror or e}: {e.filename} (check the path, its permissions and free space; "
+              f"--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return code or 0
+
+
+def on_user_path(e: OSError, args) -> bool:
+    """Whether ``e`` names a file the user pointed cnnlab at (a path argument, the working directory,
+    the data cache) rather than one of cnnlab's own files or none at all."""
+    from cnnlab.data import data_root
+
+    own = Path(__file__).resolve().parent
+    given = [v for v in vars(args).values() if isinstance(v, str)]
+    given += [x for v in vars(args).values() if isinstance(v, list) for x in v if isinstance(x, str)]
+    roots = [Path(p).expanduser().resolve() for p in (Path.cwd(), data_root(), *given)]
+    for name in (e.filename, e.filename2):
+        path = Path(os.fsdecode(name)).expanduser().resolve() if name else None
+        if path is not None and not path.is_relative_to(own) and any(path.is_relative_to(r) for r in roots):
+            return True
+    return False
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import datetime
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,16 +310,38 @@ def to_dict(cfg: Config) -> dict:
     return d
 
 
-def _toml_value(v) -> str:
+TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(s: str, where: str) -> str:
+    """``s`` as a TOML basic string: quote, backslash and control characters escaped, the rest as it is."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in s):
+        raise CnnlabError(f"{where} = {s!r}: holds characters that are not text (undecodable bytes), so it "
+                          f"cannot be written to config.toml; use a name or path that is valid UTF-8")
+    return '"' + "".join(TOML_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                         for c in s) + '"'
+
+
+def toml_key(k: str, where: str) -> str:
+    return k if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k) else toml_string(k, where)
+
+
+def toml_value(v, where: str) -> str:
+    """``v`` in TOML: booleans, numbers, strings, dates and times, arrays and (inline) tables of them."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
-        return repr(v)
+        return repr(v)  # inf, nan and 1e+16 are TOML too
     if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string (same escapes)
+        return toml_string(v, where)
+    if isinstance(v, (datetime.date, datetime.time)):  # datetime.datetime is a date
+        return v.isoformat()
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+        return "[" + ", ".join(toml_value(x, f"{where}[{i}]") for i, x in enumerate(v)) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{toml_key(str(k), where)} = {toml_value(x, f'{where}.{k}')}" for k, x in v.items()) + "}"
+    raise CnnlabError(f"{where} is a {type(v).__name__}, which config.toml cannot hold; give a string, number, "
+                      f"boolean, date, list or table")
 
 
 def to_toml(cfg: Config) -> str:
@@ -327,6 +349,6 @@ def to_toml(cfg: Config) -> str:
     lines = []
     for section, table in to_dict(cfg).items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"{toml_key(k, section)} = {toml_value(v, f'{section}.{k}')}" for k, v in table.items()]
         lines.append("")
     return "\n".join(lines)

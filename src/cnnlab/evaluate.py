@@ -117,7 +117,7 @@ class Evaluation:
     """Everything an evaluation computed: the JSON summary plus what the pictures need."""
 
     summary: dict  # the content of eval.json
-    model: torch.nn.Module  # in eval mode, on CPU
+    model: torch.nn.Module  # in eval mode, on the run's device (``run_device``)
     split: Split  # uint8 images and labels that were evaluated
     logits: torch.Tensor
     classes: list[str]
@@ -126,9 +126,19 @@ class Evaluation:
 
 
 def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[dict, torch.nn.Module]:
-    """The checkpoint dict and the rebuilt model, in eval mode on CPU."""
+    """The checkpoint dict and the rebuilt model, in eval mode on the run's device (``run_device``)."""
     ckpt = runs.load_checkpoint(runs.existing_run(run_dir), checkpoint)
-    return ckpt, runs.model_from_checkpoint(ckpt).eval()
+    return ckpt, runs.model_from_checkpoint(ckpt).eval().to(run_device(ckpt))
+
+
+def run_device(ckpt: dict) -> torch.device:
+    """The device a run trained on when this machine has it (a CUDA run evaluates on a GPU), else the CPU."""
+    name = str(ckpt["config"].get("train", {}).get("device", "auto"))
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if name.startswith("cuda:") and name[5:].isdigit() and int(name[5:]) < torch.cuda.device_count():
+        return torch.device(name)
+    return torch.device("cuda")
 
 
 def load_eval_split(ckpt: dict, split: str | None = None) -> tuple[Split, str]:
@@ -187,7 +197,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     info = ckpt["dataset"]
     classes = list(info["classes"])
     batch = int(ckpt["config"].get("data", {}).get("eval_batch_size", 1000) or 1000)
-    loader = Loader(images.images, images.labels, batch, info["mean"], info["std"])
+    loader = Loader(images.images, images.labels, batch, info["mean"], info["std"], device=model_device(model))
     dtype = DTYPES.get(run_train.get("dtype", "float32"), torch.float32)
     if dtype == torch.float16 and model_device(model).type == "cpu":  # fp16 is a GPU format: float32 here
         dtype = torch.float32
@@ -201,7 +211,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     summary = {
         "run": str(run_dir), "checkpoint": checkpoint, "epoch": ckpt.get("epoch"), "split": split_name,
         "dataset": info["name"], "model": ckpt["model_name"], "tta": bool(tta), "tta_shift": tta_shift,
-        "dtype": str(dtype).removeprefix("torch."), "loss": loss, **m,
+        "dtype": str(dtype).removeprefix("torch."), "device": str(model_device(model)), "loss": loss, **m,
         "top_losses": top_losses(logits, labels, classes, n_images),
     }
     runs.write_json(Path(out_dir or run_dir) / "eval.json", summary)

@@ -2,7 +2,8 @@
 
 Every function takes plain data (rows of metrics.jsonl, counts, images already de-normalised to
 [0, 1]) and writes one PNG atomically. Figures are made with ``matplotlib.figure.Figure`` and the
-Agg canvas directly, so nothing here touches pyplot's global state or needs a display.
+Agg canvas directly, so nothing here touches pyplot's global state or needs a display, and
+importing it leaves the user's matplotlib backend (a notebook's inline one) as it was.
 """
 
 from __future__ import annotations
@@ -11,17 +12,13 @@ import io
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # no display: harmless if pyplot is never imported
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from cnnlab.data import atomic_write_bytes  # noqa: E402
+from cnnlab.atomic import atomic_write_bytes
 
 DPI = 100
 

@@ -21,6 +21,7 @@ import torch
 from cnnlab import evaluate, gradcam, plots, runs
 from cnnlab.augment import denormalize, normalize
 from cnnlab.errors import CnnlabError
+from cnnlab.tables import format_table
 
 PICTURES = ("curves.png", "confusion.png", "misclassified.png", "gradcam.png", "activations.png")
 
@@ -283,11 +284,7 @@ def format_rows(rows: list[dict]) -> str:
     body = [(r["name"], r["model"], r["dataset"], f"{r['params']:,}" if r["params"] is not None else "?",
              str(r["epochs"]) if r["epochs"] is not None else "?", _pct(r["best_acc"]),
              _secs(r["time_to_target"]) if r["time_to_target"] is not None else "-", r["date"]) for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 1, 2, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths)))
-             for x in [head, *body]]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(line.rstrip() for line in lines)
+    return format_table(head, body, left=(0, 1, 2, 7))
 
 
 def runs_table(root: str | Path = "runs", sort_by: str = "date") -> str:

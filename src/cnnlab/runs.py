@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.data import atomic_torch_save, atomic_write_bytes
+from cnnlab.atomic import atomic_torch_save, atomic_write_bytes
 from cnnlab.errors import CnnlabError
 from cnnlab.models import build
 

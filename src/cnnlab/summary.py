@@ -31,6 +31,7 @@ from cnnlab.data import DATASETS, load_dataset
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import CenterCrop, Dropout, GlobalPool, Mul, Net, Residual
 from cnnlab.models import MODELS, create_model, get_spec, model_device
+from cnnlab.tables import format_table
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -67,14 +68,10 @@ class Summary:
         head = ("Layer (type)", "Output Shape", "Param #", "RF", "Jump")
         body = [(f"{r.name} ({r.type})", str((None, *r.output_shape)), f"{r.params:,}",
                  "?" if r.rf is None else str(r.rf), "?" if r.jump is None else str(r.jump)) for r in self.rows]
-        widths = [max(len(x[i]) for x in [head, *body]) for i in range(5)]
-
-        def fmt(cols):
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
-
-        line = "=" * len(fmt(head))
+        table = format_table(head, body, rule="=").split("\n")
+        line = table[1]
         title = f'Model: "{self.model_name}"  input {self.input_shape}' if self.model_name else f"input {self.input_shape}"
-        lines = [title, line, fmt(head), line, *(fmt(b) for b in body), line,
+        lines = [title, line, *table, line,
                  f"Total params: {self.total_params:,}",
                  f"Trainable params: {self.trainable_params:,}",
                  f"Non-trainable params: {self.non_trainable_params:,}",
@@ -338,8 +335,4 @@ def models_table() -> str:
         s = summarize(name)
         body.append((name, "x".join(map(str, spec.input_shape)), str(spec.num_classes), f"{s.total_params:,}",
                      f"{s.trainable_params:,}", f"{s.macs:,}", spec.source))
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 1, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [head, *body]]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(line.rstrip() for line in lines)
+    return format_table(head, body, left=(0, 1, 6))

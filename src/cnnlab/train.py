@@ -32,7 +32,7 @@ from cnnlab import config as config_mod
 from cnnlab import runs
 from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
-from cnnlab.data import DATASETS, Dataset, Split, load_dataset
+from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, predict
 from cnnlab import models
@@ -160,10 +160,8 @@ def load_data(cfg: Config, log=print) -> tuple[Config, Dataset]:
     ``cfg`` that names an image folder by its absolute path, so the run works from anywhere."""
     cfg = copy.deepcopy(cfg)
     ds = load_dataset(cfg.data.dataset, root=cfg.data.root or None, val_split=cfg.data.val_split, log=log)
-    if cfg.data.dataset not in DATASETS:
-        cfg.data.dataset = str(Path(cfg.data.dataset).expanduser().resolve())
-    if cfg.data.subset:
-        ds.train = Split(ds.train.images[:cfg.data.subset], ds.train.labels[:cfg.data.subset])
+    cfg.data.dataset = dataset_ref(cfg.data.dataset)
+    ds = subset(ds, cfg.data.subset)
     check_compatible(cfg, ds)
     if cfg.data.crop_mode == "reflect" and cfg.data.crop_pad >= min(ds.shape[1:]):
         raise CnnlabError(f"data.crop_pad = {cfg.data.crop_pad} with reflect padding must be smaller than the "

@@ -1,0 +1,254 @@
+"""Reading the file formats: IDX (MNIST family), CIFAR python-pickle batches, image folders.
+
+Each reader checks what it reads and raises a one-line ``CnnlabError`` naming the file for
+anything damaged or unexpected; a CIFAR pickle may hold only what a batch holds (no code runs).
+``read_raw`` turns a folder of release files (or an image folder) into a ``Dataset``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab.datasets import (CIFAR_LABEL_KEY, CIFAR_META, CIFAR_TEST, CIFAR_TRAIN, DATASETS, IDX_FILES, Dataset,
+                             DatasetInfo, Split)
+from cnnlab.errors import CnnlabError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def is_release_file(info: DatasetInfo, name: str, data: bytes) -> bool:
+    """Whether ``data`` is the release file ``name`` (IDX: its uncompressed bytes), by published md5."""
+    return md5_bytes(data) == info.md5.get(name)
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_idx_bytes(path: Path) -> bytes:
+    """The uncompressed bytes of an IDX file, raw or .gz."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip raises these for truncated or damaged archives
+        raise CnnlabError(f"{path}: cannot read ({e}); expected an IDX file, raw or gzip: "
+                          f"fetch it again with `cnnlab data get`") from None
+
+
+def parse_idx(data: bytes, path: Path) -> np.ndarray:
+    """Parse IDX bytes holding unsigned bytes (MNIST family): magic 0x0000 08 NDIM."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] not in (1, 3):
+        raise CnnlabError(f"{path}: wrong magic number {data[:4].hex() or 'none'}; expected an IDX "
+                          f"file of unsigned bytes (00000801 labels or 00000803 images)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise CnnlabError(f"{path}: truncated header ({len(data)} bytes); expected {header}")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise CnnlabError(f"{path}: {len(data)} bytes but its header {dims} needs {expected}; "
+                          f"the file is truncated or damaged: fetch it again with `cnnlab data get`")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def find_file(folder: Path, stem: str) -> Path | None:
+    for cand in (folder / stem, folder / f"{stem}.gz"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_idx_dataset(info: DatasetInfo, folder: Path) -> tuple[dict[str, np.ndarray], bool]:
+    """Read the four IDX files of an MNIST-family folder; return arrays and whether all verified."""
+    arrays, verified = {}, True
+    for key, stem in IDX_FILES.items():
+        path = find_file(folder, stem)
+        if path is None:
+            raise CnnlabError(f"{folder / stem}: missing; expected the file (raw or .gz) from the "
+                              f"{info.name} release: run `cnnlab data get {info.name}`")
+        data = read_idx_bytes(path)
+        verified &= is_release_file(info, stem, data)
+        arrays[key] = parse_idx(data, path)
+        want = 3 if key.endswith("images") else 1
+        if arrays[key].ndim != want:
+            raise CnnlabError(f"{path}: holds a {arrays[key].ndim}-dimensional array; expected {want} "
+                              f"({'images N x H x W' if want == 3 else 'labels N'}): is it in the wrong slot?")
+    for part in ("train", "test"):
+        n_img, n_lab = len(arrays[f"{part}_images"]), len(arrays[f"{part}_labels"])
+        if n_img != n_lab:
+            raise CnnlabError(f"{folder}: {part} has {n_img} images but {n_lab} labels; "
+                              f"expected equal counts: fetch the files again")
+    return arrays, verified
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Loads only what a CIFAR batch holds (dicts, lists, bytes, numpy arrays): a pickle that asks
+    for any other class is refused, so a hostile file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}")
+        return super().find_class(module, name)
+
+
+def unpickle(data: bytes, path: str) -> dict:
+    try:
+        obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:  # pickle raises many types for damaged input
+        raise CnnlabError(f"{path}: not a readable python-pickle batch ({type(e).__name__}); "
+                          f"expected a CIFAR release file: fetch it again") from None
+    if not isinstance(obj, dict):
+        raise CnnlabError(f"{path}: holds a {type(obj).__name__}; expected a dict (CIFAR batch)")
+    return obj
+
+
+def cifar_batch(obj: dict, path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    if b"data" not in obj or label_key not in obj:
+        raise CnnlabError(f"{path}: keys {sorted(k.decode() if isinstance(k, bytes) else str(k) for k in obj)}; expected 'data' and "
+                          f"'{label_key.decode()}' (CIFAR batch format)")
+    x = np.asarray(obj[b"data"])
+    y = np.asarray(obj[label_key], dtype=np.int64)
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or x.shape[0] != len(y):
+        raise CnnlabError(f"{path}: data has shape {list(x.shape)} ({x.dtype}) for {len(y)} labels; "
+                          f"expected uint8 [N, 3072] (3x32x32 in CHW order) with N labels")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def read_cifar_files(info: DatasetInfo, files: dict[str, bytes], where: str):
+    """Arrays from the raw bytes of CIFAR release files (keyed by file name)."""
+    verified = all(is_release_file(info, n, files[n]) for n in files)
+    out = {}
+    for part, names in (("train", CIFAR_TRAIN[info.name]), ("test", CIFAR_TEST[info.name])):
+        present = [n for n in names if n in files]
+        if not present:
+            if part == "train":
+                raise CnnlabError(f"{where}: no training batches; expected {', '.join(names)} "
+                                  f"(CIFAR python-pickle format)")
+            continue
+        if len(present) != len(names):
+            missing = sorted(set(names) - set(present))
+            raise CnnlabError(f"{where}: missing {', '.join(missing)}; expected all of {', '.join(names)}")
+        xs, ys = zip(*(cifar_batch(unpickle(files[n], f"{where}/{n}"), f"{where}/{n}",
+                                   CIFAR_LABEL_KEY[info.name]) for n in names))
+        out[f"{part}_images"], out[f"{part}_labels"] = np.concatenate(xs), np.concatenate(ys)
+    meta_name, meta_key = CIFAR_META[info.name]
+    classes = list(info.classes)
+    if meta_name in files:
+        meta = unpickle(files[meta_name], f"{where}/{meta_name}")
+        if meta_key in meta:
+            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[meta_key]]
+    if not classes:
+        raise CnnlabError(f"{where}: no '{meta_name}' file with class names; expected it beside the batches")
+    return out, classes, verified
+
+
+def cifar_files_from(path: Path, info: DatasetInfo) -> dict[str, bytes]:
+    """Release files of a CIFAR directory or .tar.gz archive, as bytes keyed by file name."""
+    wanted = set(info.md5)
+    if path.is_file():
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                return {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers()
+                        if m.isfile() and Path(m.name).name in wanted}
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            why = " ".join(str(e).split())  # tarfile's messages span several lines
+            raise CnnlabError(f"{path}: not a readable .tar.gz archive ({why}); expected the CIFAR "
+                              f"python release archive") from None
+    folder = path / info.archive_dir if (path / info.archive_dir).is_dir() else path
+    return {n: (folder / n).read_bytes() for n in wanted if (folder / n).is_file()}
+
+
+def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``root/<class>/*.png`` (single tree) or ``root/train/<class>/`` + ``root/test/<class>/``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise CnnlabError(f"{root}: not a directory; expected an image folder root/<class>/*.png")
+    parts = {"train": root / "train", "test": root / "test"} if (root / "train").is_dir() else {"train": root}
+    classes = sorted(p.name for p in parts["train"].iterdir() if p.is_dir())
+    if not classes:
+        raise CnnlabError(f"{parts['train']}: no class folders; expected {parts['train']}/<class>/*.png")
+    out, shape = {}, None
+    for part, folder in parts.items():
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            files = sorted(f for f in (folder / cls).glob("*") if f.is_file()) if (folder / cls).is_dir() else []
+            for f in files:
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise CnnlabError(f"{f}: not an image file; expected only "
+                                      f"{', '.join(sorted(IMAGE_SUFFIXES))} files in class folders")
+                try:
+                    with Image.open(f) as im:
+                        im.load()
+                        arr = np.asarray(im.convert("L") if im.mode in ("L", "1", "P", "I;16") and
+                                         im.mode != "P" else im.convert("RGB"))
+                except (UnidentifiedImageError, OSError) as e:
+                    raise CnnlabError(f"{f}: cannot decode image ({e}); expected a valid image file") from None
+                arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+                if shape is None:
+                    shape = arr.shape
+                if arr.shape != shape:
+                    raise CnnlabError(f"{f}: size {arr.shape[1]}x{arr.shape[2]}x{arr.shape[0]} differs from "
+                                      f"{shape[1]}x{shape[2]}x{shape[0]}; expected all images the same size")
+                images.append(arr)
+                labels.append(label)
+        if not images:
+            raise CnnlabError(f"{folder}: no images in any class folder; expected {folder}/<class>/*.png")
+        out[f"{part}_images"] = np.stack(images)
+        out[f"{part}_labels"] = np.asarray(labels, dtype=np.int64)
+    return out, classes
+
+
+def to_dataset(name, arrays, classes, source, verified) -> Dataset:
+    def split(part):
+        if f"{part}_images" not in arrays:
+            return None
+        x = torch.from_numpy(np.array(arrays[f"{part}_images"], dtype=np.uint8))  # owned, writable copy
+        if x.ndim == 3:
+            x = x[:, None]
+        y = torch.from_numpy(np.asarray(arrays[f"{part}_labels"], dtype=np.int64))
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+            raise CnnlabError(f"{name}: {part} labels range {int(y.min())}..{int(y.max())} but there are "
+                              f"{len(classes)} classes; expected labels 0..{len(classes) - 1}: the files are damaged")
+        return Split(x, y)
+
+    return Dataset(name, list(classes), split("train"), split("test"), source, verified)
+
+
+def read_raw(name: str, raw: Path) -> Dataset:
+    """Parse the release files under ``raw`` (no cache)."""
+    if name in DATASETS:
+        info = DATASETS[name]
+        if info.kind == "idx":
+            arrays, verified = read_idx_dataset(info, raw)
+            classes = info.classes
+        else:
+            arrays, classes, verified = read_cifar_files(info, cifar_files_from(raw, info), str(raw))
+    else:
+        arrays, classes = read_image_folder(raw)
+        verified = False
+    return to_dataset(name, arrays, classes, "", verified)
