@@ -155,25 +155,16 @@ def start_epoch(model: nn.Module, epoch: int) -> None:
 # --------------------------------------------------------------------------- the one entry point
 
 
-def build(name: str, options: dict, num_classes: int, input_shape: tuple, source: dict | None = None,
-          log: Callable[[str], None] | None = None) -> nn.Module:
+def build(name: str, options: dict, num_classes: int, input_shape: tuple) -> nn.Module:
     """The module a ``[model]`` table describes (``name`` plus its other keys as ``options``), for
-    ``num_classes`` classes and images of ``input_shape`` (C, H, W). ``source``: a checkpoint's
-    record of a Python file (see ``source``), checked against the file as it is now; a change is
-    reported through ``log`` (default: a warning line on stderr)."""
+    ``num_classes`` classes and images of ``input_shape`` (C, H, W)."""
     _check_num_classes(num_classes)
     options = dict(options)
     if "layers" in options:
         return _build_design(name, options, num_classes, input_shape)
     if is_reference(name):
-        if source is not None:
-            check_source(source, log or _warn)
         return _call_reference(name, options, num_classes)
     return create_model(name, num_classes, **options)
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 DESIGN_KEYS = [k for k in inspect.signature(build_design).parameters if k not in ("num_classes", "input_shape")]
@@ -299,15 +290,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_source(record: dict, log: Callable[[str], None]) -> None:
-    """Report (through ``log``) when the file a checkpoint was built from has changed since."""
-    path = record.get("path")
+def source_changed(record: dict | None) -> str | None:
+    """How the file a checkpoint's model was built from (its ``source`` record) differs now, or None."""
+    path = (record or {}).get("path")
     if not path or not record.get("sha256") or not Path(path).is_file():
-        return  # building it will say what is missing
+        return None  # a zoo model or a design; a missing file is reported when the model is built
     now = _sha256(Path(path))
-    if now != record["sha256"]:
-        log(f"warning: {path} changed since the checkpoint was saved (sha256 {record['sha256'][:12]} -> {now[:12]}); "
-            f"the model is rebuilt from the file as it is now")
+    if now == record["sha256"]:
+        return None
+    return f"{path} changed since the checkpoint was saved (sha256 {record['sha256'][:12]} -> {now[:12]})"
 
 
 # --------------------------------------------------------------------------- zoo option checks

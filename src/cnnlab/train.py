@@ -307,7 +307,6 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
         ckpt = runs.load_checkpoint(out, "last")
         out = out.parent if out.is_file() else out
         cfg = config_mod.from_dict(ckpt["config"])
-        models.check_source(ckpt.get("model_source") or {}, log)  # warns if the model's .py file changed
     elif out is not None:
         check_out_dir(out, overwrite)
     quiet = cfg.train.quiet
@@ -329,7 +328,7 @@ def _train(cfg: Config | None, out: str | Path | None, resume: bool, overwrite: 
              "bad_epochs": 0, "code": []}  # code: the cnnlab checkout each start or resume trained with
     start_epoch = 1
     if ckpt is not None:
-        runs.load_weights(model, ckpt["state_dict"], cfg.model.name)
+        runs.load_weights(model, ckpt["state_dict"], cfg.model.name, models.source_changed(ckpt.get("model_source")))
         if len(ckpt["optimizer"]["param_groups"]) != len(opt.param_groups):
             raise CnnlabError(f"{out}/last.pt holds optimizer state for {len(ckpt['optimizer']['param_groups'])} "
                               f"parameter groups, this cnnlab makes {len(opt.param_groups)} (an older version saved "
