@@ -50,8 +50,15 @@ def test_design_counts_like_its_zoo_twin(recipe, zoo):
     assert "layers" in cfg.model.options and cfg.model.name not in models.MODELS
 
 
-def test_every_recipe_in_designs_has_a_twin():
-    assert {p.stem for p in DESIGNS.glob("*.toml")} == set(TWINS)
+def test_every_recipe_in_designs_is_checked():
+    assert {p.stem for p in DESIGNS.glob("*.toml")} == set(TWINS) | {"mnist_res7k"}
+
+
+def test_the_readme_example_is_under_8k_parameters():
+    cfg = load_recipe(DESIGNS / "mnist_res7k.toml")
+    _, s = recipe_model(cfg)
+    assert (s.total_params, s.trainable_params, s.receptive_field, s.macs) == (7_840, 7_664, 36, 1_051_032)
+    assert cfg.model.max_params == 8000
 
 
 def test_design_trains_a_step_and_splits_features_and_head():

@@ -22,7 +22,7 @@ module (training, checkpoints, summary, bench and the LR finder all use it):
 * ``[model] layers = [...]``: a design in the layer notation (``cnnlab.design``); ``name`` is a label.
 * ``name = "path/to/file.py:function"`` or ``"package.module:function"``: your own code, called as
   ``function(num_classes=..., **other [model] keys)``; ``source(name)`` is what a checkpoint keeps
-  (the file and its sha256) so a fresh process rebuilds it, and warns if the file changed.
+  (the file and its sha256) so a fresh process rebuilds it and notices a changed file.
 * any other ``name``: the zoo below, ``create_model(name, num_classes, **options)``. Each zoo
   model is a ``layers.Net`` built from the factories in ``layers``; its constructor checks its own
   options. Parameter budgets (``ModelSpec.budget``) bound ``sum(p.numel() for p in
