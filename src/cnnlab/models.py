@@ -488,7 +488,8 @@ def resnet9(num_classes: int = 10, width: float = 1.0, dropout: float = 0.1, poo
     _check_probability("resnet9", "dropout", dropout)
     _check_pool("resnet9", pool)
     _check_positive("resnet9", "scale", scale)
-    if isinstance(bn_momentum_keras, bool) or not isinstance(bn_momentum_keras, (int, float)) or not 0 <= bn_momentum_keras < 1:
+    m = bn_momentum_keras
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
         raise CnnlabError("bn_momentum_keras must be in [0, 1) (Keras convention: moving = m*moving + (1-m)*batch)")
     c = {k: _w(v, width) for k, v in dict(prep=64, l1=128, l2=256, l3=512).items()}
 
@@ -616,8 +617,9 @@ def airbench94(num_classes: int = 10, scale: float = 1 / 9, whiten_bias_epochs: 
     ``whiten_bias_epochs`` epochs), GELU, conv groups 64/256/256 (conv-MaxPool-BN-GELU-conv-BN-GELU,
     31 -> 15 -> 7 -> 3), global max pool, Linear(256, classes, bias=False), times ``scale``."""
     _check_positive("airbench94", "scale", scale)
-    if not (isinstance(whiten_bias_epochs, int) and not isinstance(whiten_bias_epochs, bool) and whiten_bias_epochs >= 0):
-        raise CnnlabError(f"whiten_bias_epochs={whiten_bias_epochs!r} for 'airbench94' must be a whole number of epochs >= 0")
+    n = whiten_bias_epochs
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        raise CnnlabError(f"whiten_bias_epochs={n!r} for 'airbench94' must be a whole number of epochs >= 0")
     whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
     whiten.weight.requires_grad_(False)
     features = nn.Sequential(whiten, nn.GELU(), _air_group(24, 64), _air_group(64, 256), _air_group(256, 256))
