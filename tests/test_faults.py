@@ -307,3 +307,145 @@ def test_disk_full_during_data_get_leaves_the_cache_as_it_was(tmp_path, writers,
     assert len(load_dataset("mnist", root=root, acquire=False, log=quiet).train) == 24  # the old copy
     assert cli(capsys, "data", "get", "mnist", "--from", new.folder, "--root", root)[0] == 0  # space again
     assert len(load_dataset("mnist", root=root, acquire=False, log=quiet).train) == 60
+
+
+# ----------------------------------------------------------------------------- a real full disk (a small tmpfs)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs mounted for the test (needs root or CAP_SYS_ADMIN; elsewhere the ENOSPC
+    injection tests above cover the same code)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip()}); the ENOSPC injection tests cover this")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill ``disk`` up to ``leave`` free bytes with a filler file; return it."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        while True:
+            st = os.statvfs(disk)
+            room = st.f_bavail * st.f_frsize - leave
+            if room <= 0:
+                break
+            try:
+                f.write(b"\0" * min(room, 1 << 20))
+                f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+    return filler
+
+
+def test_a_real_full_disk_stops_training_in_one_line_and_resume_finishes(small_disk, baseline, tmp_path):
+    base, _, _ = baseline
+    run, log = small_disk / "run", tmp_path / "log.txt"
+    proc = start(train_args(run), log)
+    assert wait_for(lambda: len(runs.read_metrics(run)) >= 1, proc), log.read_text()
+    filler = fill(small_disk)
+    assert finish(proc, log) == 2, log.read_text()
+    lines = log.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: disk full: could not write " + str(run)), lines
+    rows = check_run_dir(run)
+    assert rows and runs.load_checkpoint(run, "last")["epoch"] >= len(rows) and temps(run) == []
+    filler.unlink()
+    assert finish(start(["train", "--resume", run], log), log) == 0, log.read_text()
+    assert_same_run(run, base)
+
+
+def test_a_real_full_disk_during_data_get(small_disk, writers, tmp_path, capsys):
+    root = small_disk / "cache"
+    assert cli(capsys, "data", "get", "mnist", "--from", writers.write_mnist_dir(tmp_path / "old").folder,
+               "--root", root)[0] == 0
+    before = snapshot(root)
+    new = writers.write_mnist_dir(tmp_path / "new", n_train=1500)  # 1.2 MB of images
+    filler = fill(small_disk, leave=1_600_000)  # room to stage the files, not for the tensor cache too
+    rc, err = cli(capsys, "data", "get", "mnist", "--from", new.folder, "--root", root)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: disk full: could not write {root}"), err
+    assert snapshot(root) == before
+    filler.unlink()
+    assert cli(capsys, "data", "get", "mnist", "--from", new.folder, "--root", root)[0] == 0
+    assert len(load_dataset("mnist", root=root, acquire=False, log=quiet).train) == 1500
+
+
+# ----------------------------------------------------------------------------- long runs
+
+
+def run_python(code: str, *args, timeout: float = 600) -> dict:
+    """Run ``code`` in a fresh interpreter (memory measured there is the code's own); its JSON output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+RSS = "int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')"
+
+
+def test_memory_after_epoch_50_is_within_5_percent_of_epoch_5(tmp_path, capsys):
+    rss = run_python(f"""
+        import json, os, sys
+        from cnnlab import config, train
+        rss = {{}}
+        def on_epoch(row):
+            rss[row["epoch"]] = {RSS}
+        cfg = config.load_recipe(sys.argv[1], sys.argv[3:])
+        train.train(cfg, sys.argv[2], on_epoch=on_epoch, log=lambda *a, **k: None)
+        print(json.dumps(rss))
+    """, RECIPE, tmp_path / "run", *SETS, "data.subset=256", "data.val_split=250", "data.eval_batch_size=250",
+        "train.epochs=50")
+    at5, at50 = rss["5"], rss["50"]
+    with capsys.disabled():
+        print(f"\nresident memory: epoch 5 {at5 / 2**20:.1f} MiB, epoch 50 {at50 / 2**20:.1f} MiB "
+              f"({100 * (at50 / at5 - 1):+.2f}%)")
+    assert len(runs.read_metrics(tmp_path / "run")) == 50
+    assert at50 <= 1.05 * at5
+
+
+def test_gradcam_1000_calls_grow_no_memory_and_leave_no_hooks(capsys):
+    """500 calls inside one ``with GradCAM`` and 500 with a fresh one each (enter, call, exit)."""
+    r = run_python(f"""
+        import json, os, torch
+        from cnnlab.gradcam import GradCAM
+        from cnnlab.models import create_model
+        torch.manual_seed(0)
+        model = create_model("mnist_tiny").eval()
+        x = torch.randn(16, 1, 28, 28)
+
+        def hooks():
+            return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+                       for m in model.modules())
+
+        def maps(n, fresh):
+            if fresh:
+                for _ in range(n):
+                    with GradCAM(model) as cam:
+                        out = cam(x)
+                return out, 0
+            with GradCAM(model) as cam:
+                for _ in range(n):
+                    out = cam(x)
+                return out, hooks()
+
+        first, inside = maps(50, False), maps(50, True)  # warm up both ways
+        before = {RSS}
+        a, hooks_inside = maps(500, False)
+        b, _ = maps(500, True)
+        after = {RSS}
+        print(json.dumps({{"before": before, "after": after, "hooks_inside": hooks_inside, "hooks_after": hooks(),
+                          "same": bool(torch.equal(a, first[0]) and torch.equal(b, first[0]))}}))
+    """)
+    with capsys.disabled():
+        print(f"\nGrad-CAM, 1,000 calls: resident memory {r['before'] / 2**20:.1f} -> {r['after'] / 2**20:.1f} MiB "
+              f"({(r['after'] - r['before']) / 2**20:+.2f} MiB), hooks left {r['hooks_after']}")
+    assert r["hooks_inside"] == 2 and r["hooks_after"] == 0  # one forward and one backward hook while in use
+    assert r["same"]  # every call gives the same maps
+    assert r["after"] <= r["before"] * 1.02
