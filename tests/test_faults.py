@@ -25,7 +25,6 @@ import pytest
 import torch
 
 from cnnlab import config, runs
-from cnnlab.cli import main
 from cnnlab.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +32,6 @@ RECIPE = ROOT / "recipes" / "mnist_tiny.toml"
 SETS = ["train.quiet=true", "train.threads=1", 'train.dtype="float32"', 'train.device="cpu"', "train.target=0",
         "data.subset=1024", "data.val_split=500", "data.eval_batch_size=500", "data.batch_size=128", "train.ema=0.9"]
 EPOCHS = 8
-TIMES = ("epoch_seconds", "train_seconds", "wall_seconds")
 RUN_FILES = {"config.toml", "summary.txt", "metrics.jsonl", "last.pt", "best.pt", "result.json"}
 LAUNCHER = textwrap.dedent("""
     import os, sys, time
@@ -68,10 +66,6 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError(f"the process hung; its output: {log.read_text()}") from None
-
-
-def untimed(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMES} for r in rows]
 
 
 def temps(run: Path) -> list[str]:
@@ -111,9 +105,9 @@ def check_run_dir(run: Path) -> list[dict]:
     return rows
 
 
-def assert_same_run(run: Path, base: Path) -> None:
+def assert_same_run(check, run: Path, base: Path) -> None:
     """Final metrics, weights and result equal the uninterrupted run's, bit for bit (times excepted)."""
-    assert untimed(runs.read_metrics(run)) == untimed(runs.read_metrics(base))
+    assert check.untimed(runs.read_metrics(run)) == check.untimed(runs.read_metrics(base))
     for which in ("last", "best"):
         a, b = runs.load_checkpoint(run, which), runs.load_checkpoint(base, which)
         assert a["epoch"] == b["epoch"]
@@ -172,7 +166,7 @@ def checkpoint_write(run: Path, nth: int):
 KILLS = ("training", "write", "any", "write", "training", "write", "any", "write", "training", "write")
 
 
-def test_kill_9_at_random_moments_then_resume_finishes_exactly(tmp_path, baseline, capsys):
+def test_kill_9_at_random_moments_then_resume_finishes_exactly(tmp_path, baseline, check, capsys):
     """Ten SIGKILLs, one per start of the run (the first start, then each ``train --resume``):
     "training" at a random moment of the first 1.5 epochs after the process recorded its recipe,
     "write" as soon as the 1st, 2nd or 3rd checkpoint temp file of the process appears (so while
@@ -204,7 +198,7 @@ def test_kill_9_at_random_moments_then_resume_finishes_exactly(tmp_path, baselin
         seen.append((how, len(rows), left))
     code = finish(start(["train", "--resume", run], log), log)
     assert code == 0, log.read_text()
-    assert_same_run(run, base)
+    assert_same_run(check, run, base)
     mid_write = [i + 1 for i, (_, _, left) in enumerate(seen) if any(".pt~" in t for t in left)]
     with capsys.disabled():
         print(f"\n{len(seen)} kills survived; kills {mid_write} landed while a checkpoint was being written "
@@ -212,11 +206,11 @@ def test_kill_9_at_random_moments_then_resume_finishes_exactly(tmp_path, baselin
     assert len(mid_write) >= 3
 
 
-def test_two_runs_of_the_same_recipe_and_seed_are_identical(tmp_path, baseline):
+def test_two_runs_of_the_same_recipe_and_seed_are_identical(tmp_path, baseline, check):
     base, _, _ = baseline
     log = tmp_path / "log.txt"
     assert finish(start(train_args(tmp_path / "again"), log), log) == 0, log.read_text()
-    assert untimed(runs.read_metrics(tmp_path / "again")) == untimed(runs.read_metrics(base))
+    assert check.untimed(runs.read_metrics(tmp_path / "again")) == check.untimed(runs.read_metrics(base))
     assert len(runs.read_metrics(base)) == EPOCHS
 
 
@@ -245,49 +239,31 @@ def quiet(*_):
     pass
 
 
-def cli(capsys, *argv) -> tuple[int, str]:
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
-
-
-def test_disk_full_while_saving_a_checkpoint(tmp_path, baseline, capsys, monkeypatch):
+def test_disk_full_while_saving_a_checkpoint(tmp_path, baseline, cli, check, monkeypatch):
     """ENOSPC at the second last.pt: one line, last.pt still holds epoch 1, and --resume finishes
     the run once there is space, equal to an uninterrupted run."""
     base, _, _ = baseline
     run = tmp_path / "run"
-    threads = torch.get_num_threads()
     with monkeypatch.context() as m:
         failed = enospc_at(m, "last.pt", calls=2)
-        rc, err = cli(capsys, *train_args(run))
-    torch.set_num_threads(threads)
+        rc, _, err = cli(*train_args(run))
     assert failed and rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("error: disk full: could not write") and "last.pt" in err
-    assert runs.load_checkpoint(run, "last")["epoch"] == 1 and check_run_dir(run) == untimed_rows(base, 1, run)
+    assert runs.load_checkpoint(run, "last")["epoch"] == 1
+    assert check.untimed(check_run_dir(run)) == check.untimed(runs.read_metrics(base)[:1])
     assert temps(run) == []
-    rc, err = cli(capsys, "train", "--resume", run)
-    torch.set_num_threads(threads)
+    rc, _, err = cli("train", "--resume", run)
     assert rc == 0, err
-    assert_same_run(run, base)
-
-
-def untimed_rows(base: Path, n: int, run: Path) -> list[dict]:
-    """The first ``n`` metrics rows of ``run``, checked equal to the baseline's (times excepted)."""
-    rows = runs.read_metrics(run)[:n]
-    assert untimed(rows) == untimed(runs.read_metrics(base)[:n])
-    return rows
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    assert_same_run(check, run, base)
 
 
 @pytest.mark.parametrize("where", ["tensors.pt", "staging"])
-def test_disk_full_during_data_get_leaves_the_cache_as_it_was(tmp_path, writers, capsys, monkeypatch, where):
+def test_disk_full_during_data_get_leaves_the_cache_as_it_was(tmp_path, writers, cli, check, monkeypatch, where):
     root = tmp_path / "cache"
     old = writers.write_mnist_dir(tmp_path / "old", seed=1)
     new = writers.write_mnist_dir(tmp_path / "new", n_train=60, seed=2)
-    assert cli(capsys, "data", "get", "mnist", "--from", old.folder, "--root", root)[0] == 0
-    before = snapshot(root)
+    assert cli("data", "get", "mnist", "--from", old.folder, "--root", root)[0] == 0
+    before = check.snapshot(root)
     with monkeypatch.context() as m:
         if where == "tensors.pt":
             failed = enospc_at(m, "tensors.pt")
@@ -300,12 +276,12 @@ def test_disk_full_during_data_get_leaves_the_cache_as_it_was(tmp_path, writers,
                 raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
 
             m.setattr(shutil, "copyfile", copyfile)
-        rc, err = cli(capsys, "data", "get", "mnist", "--from", new.folder, "--root", root)
+        rc, _, err = cli("data", "get", "mnist", "--from", new.folder, "--root", root)
     assert failed and rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("error: disk full: could not write") and str(root / "mnist") in err
-    assert snapshot(root) == before  # no half cache: not a file added, removed or changed
+    assert check.snapshot(root) == before  # no half cache: not a file added, removed or changed
     assert len(load_dataset("mnist", root=root, acquire=False, log=quiet).train) == 24  # the old copy
-    assert cli(capsys, "data", "get", "mnist", "--from", new.folder, "--root", root)[0] == 0  # space again
+    assert cli("data", "get", "mnist", "--from", new.folder, "--root", root)[0] == 0  # space again
     assert len(load_dataset("mnist", root=root, acquire=False, log=quiet).train) == 60
 
 
@@ -344,7 +320,7 @@ def fill(disk: Path, leave: int = 0) -> Path:
     return filler
 
 
-def test_a_real_full_disk_stops_training_in_one_line_and_resume_finishes(small_disk, baseline, tmp_path):
+def test_a_real_full_disk_stops_training_in_one_line_and_resume_finishes(small_disk, baseline, tmp_path, check):
     base, _, _ = baseline
     run, log = small_disk / "run", tmp_path / "log.txt"
     proc = start(train_args(run), log)
@@ -357,21 +333,21 @@ def test_a_real_full_disk_stops_training_in_one_line_and_resume_finishes(small_d
     assert rows and runs.load_checkpoint(run, "last")["epoch"] >= len(rows) and temps(run) == []
     filler.unlink()
     assert finish(start(["train", "--resume", run], log), log) == 0, log.read_text()
-    assert_same_run(run, base)
+    assert_same_run(check, run, base)
 
 
-def test_a_real_full_disk_during_data_get(small_disk, writers, tmp_path, capsys):
+def test_a_real_full_disk_during_data_get(small_disk, writers, tmp_path, cli, check):
     root = small_disk / "cache"
-    assert cli(capsys, "data", "get", "mnist", "--from", writers.write_mnist_dir(tmp_path / "old").folder,
+    assert cli("data", "get", "mnist", "--from", writers.write_mnist_dir(tmp_path / "old").folder,
                "--root", root)[0] == 0
-    before = snapshot(root)
+    before = check.snapshot(root)
     new = writers.write_mnist_dir(tmp_path / "new", n_train=1500)  # 1.2 MB of images
     filler = fill(small_disk, leave=1_600_000)  # room to stage the files, not for the tensor cache too
-    rc, err = cli(capsys, "data", "get", "mnist", "--from", new.folder, "--root", root)
+    rc, _, err = cli("data", "get", "mnist", "--from", new.folder, "--root", root)
     assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: disk full: could not write {root}"), err
-    assert snapshot(root) == before
+    assert check.snapshot(root) == before
     filler.unlink()
-    assert cli(capsys, "data", "get", "mnist", "--from", new.folder, "--root", root)[0] == 0
+    assert cli("data", "get", "mnist", "--from", new.folder, "--root", root)[0] == 0
     assert len(load_dataset("mnist", root=root, acquire=False, log=quiet).train) == 1500
 
 
