@@ -90,6 +90,9 @@ def test_bench_target_not_reached_is_null(tmp_path):
     assert res["reached"] == "0/1" and res["time_to_target_s"]["median"] is None
     assert run["epochs_run"] == 2
     assert "| 0 |" in bench.markdown(res)
+    # wall time (training + evaluation + saving) is reported beside training time, and never below it
+    assert run["wall_seconds"] >= run["train_seconds"] > 0
+    assert res["wall_over_train"]["median"] >= 1 and "wall s" in bench.markdown(res)
 
 
 def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):

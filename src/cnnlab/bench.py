@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cnnlab import runs
+from cnnlab import models, runs
 from cnnlab.config import Config
 from cnnlab.evaluate import DTYPES, autocast
 from cnnlab.models import create_model, get_spec, list_models
-from cnnlab.summary import summarize
+from cnnlab.summary import data_facts, summarize
 from cnnlab.tables import format_table
 from cnnlab.train import resolve_device, sync, torch_threads, train
 
@@ -114,6 +114,7 @@ def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=pri
         "time_to_target_s": time_to_target_stats([r["time_to_target_s"] for r in per_seed]),
         "final_acc": _stats([r["final_acc"] for r in per_seed]),
         "seconds_per_epoch": _stats([r["seconds_per_epoch"] for r in per_seed]),
+        "wall_over_train": _stats([r["wall_seconds"] / max(r["train_seconds"], 1e-9) for r in per_seed]),
         "train_images_per_s": _stats([r["train_images_per_s"] for r in per_seed]),
         "macs_per_image": macs,
         "train_gflops": _stats([r["train_gflops"] for r in per_seed]),
@@ -150,12 +151,15 @@ def markdown(result: dict) -> str:
             return "-"
         return f"{100 * v:.2f}%" if pct else f"{v:.1f}{unit}"
 
-    head = ["seed", "final acc", f"time to {fmt(result['target'], True)} (s)", "epochs", "s/epoch", "train img/s"]
+    split = result["runs"][0].get("eval_split", "val") if result["runs"] else "val"
+    head = ["seed", f"final {split} acc", f"time to {fmt(result['target'], True)} (s)", "epochs", "s/epoch",
+            "train img/s", "train s", "wall s"]
     body = [[r["seed"], fmt(r["final_acc"], True), fmt(r["time_to_target_s"]), r["epochs_run"],
-             fmt(r["seconds_per_epoch"]), fmt(r["train_images_per_s"])] for r in result["runs"]]
-    t, a = result["time_to_target_s"], result["final_acc"]
+             fmt(r["seconds_per_epoch"]), fmt(r["train_images_per_s"]), fmt(r["train_seconds"]),
+             fmt(r["wall_seconds"])] for r in result["runs"]]
+    t, a, w = result["time_to_target_s"], result["final_acc"], result["wall_over_train"]
     body.append(["**median**", fmt(a["median"], True), fmt(t["median"]), "", fmt(result["seconds_per_epoch"]["median"]),
-                 fmt(result["train_images_per_s"]["median"])])
+                 fmt(result["train_images_per_s"]["median"]), "", f"{w['median']:.2f}x train"])
     env = result["environment"]
     lines = [format_table(head, body, left=(), markdown=True), ""]
     g = result["train_gflops"]["median"]
@@ -169,36 +173,44 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def throughput(models: list[str | Config] | None = None, batch_size: int | None = None, steps: int = 10,
+def _job(entry: str | Config, batch_size: int | None) -> tuple:
+    """(name, model maker, input shape, classes, batch size) of a zoo name or a recipe's Config."""
+    if isinstance(entry, Config):
+        shape, num_classes, _ = data_facts(entry.data)
+        models.build(entry.model.name, entry.model.options, num_classes, shape)  # bad input fails here, once
+
+        def make():
+            return models.build(entry.model.name, entry.model.options, num_classes, shape)
+
+        return models.label(entry.model.name), make, shape, num_classes, batch_size or entry.data.batch_size
+    spec = get_spec(entry)
+    default_bs = 128 if spec.input_shape[0] == 1 else 256
+    return spec.name, lambda: create_model(spec.name), spec.input_shape, spec.num_classes, batch_size or default_bs
+
+
+def throughput(entries: list[str | Config] | None = None, batch_size: int | None = None, steps: int = 10,
                settings=(("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)),
                device: str = "auto", log=print) -> list[dict]:
     """Forward+backward+SGD images/s of zoo models per (dtype, channels_last) setting.
 
-    An entry of ``models`` is a zoo name (batch 128 for 1-channel input, else 256) or a recipe's
-    ``Config`` (its model, model options and batch size); ``batch_size`` overrides either. A
+    An entry of ``entries`` is a zoo name (batch 128 for 1-channel input, else 256) or a recipe's
+    ``Config`` (its model, whatever kind, for its dataset's images, at its batch size); ``batch_size`` overrides either. A
     model's settings take turns step by step and each reports its median step, so a change in the
     machine's load hits all of them alike and their ratios hold."""
     device = str(resolve_device(device))
-    jobs = []  # (spec, options, batch size), every name checked before anything is timed
-    for entry in models or list_models():
-        name, options, recipe_bs = ((entry.model.name, entry.model.options, entry.data.batch_size)
-                                    if isinstance(entry, Config) else (entry, {}, None))
-        spec = get_spec(name)
-        jobs.append((spec, options, batch_size or recipe_bs or (128 if spec.input_shape[0] == 1 else 256)))
+    jobs = [_job(entry, batch_size) for entry in entries or list_models()]  # all checked before any timing
     peaks = {d: matmul_peak_gflops(d, device) for d in sorted({d for d, _ in settings})}
     rows = []
-    for spec, options, bs in jobs:
-        name = spec.name
-        macs = summarize(name, **options).macs
+    for name, make, shape, num_classes, bs in jobs:
+        macs = summarize(make(), input_shape=shape).macs
         torch.manual_seed(0)
-        x = torch.randn(bs, *spec.input_shape, device=device)
-        y = torch.randint(0, spec.num_classes, (bs,), device=device)
+        x = torch.randn(bs, *shape, device=device)
+        y = torch.randint(0, num_classes, (bs,), device=device)
         setups = []  # one (model, optimizer, input, dtype) per setting
         for dtype_name, cl in settings:
             torch.manual_seed(0)
-            model = create_model(name, **options).to(device)
-            if hasattr(model, "init_from_data"):
-                model.init_from_data(x)
+            model = make().to(device)
+            models.init_from_data(model, x)
             xs = x.contiguous(memory_format=torch.channels_last) if cl else x
             if cl:
                 model = model.to(memory_format=torch.channels_last)

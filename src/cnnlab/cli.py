@@ -36,9 +36,17 @@ def cmd_models(args) -> None:
 
 
 def cmd_summary(args) -> None:
-    from cnnlab import summary
+    from cnnlab import config, summary
 
     shape = parse_shape(args.input) if args.input else None
+    if args.model.endswith(".toml"):  # a recipe: its model (zoo, layers or Python) for its dataset's images
+        if shape is not None:
+            raise CnnlabError("--input is for a zoo model; a recipe's model sees its dataset's images "
+                              "(change the dataset with --set data.dataset=...)")
+        print(summary.recipe_model(config.load_recipe(args.model, args.set))[1].to_text())
+        return
+    if args.set:
+        raise CnnlabError("--set changes a recipe; pass a recipe file (e.g. recipes/mnist_tiny.toml) to use it")
     print(summary.summarize(args.model, input_shape=shape).to_text())
 
 
@@ -200,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     s = sub.add_parser("summary", help="per-layer table, parameters, receptive field, MACs")
-    s.add_argument("model")
+    s.add_argument("model", help="a zoo model, or a recipe .toml (its model for its dataset, checked against "
+                                 "max_params / max_macs)")
     s.add_argument("--input", help="input shape C,H,W (default: the model's own)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     s.set_defaults(func=cmd_summary)
     t = sub.add_parser("train", help="train a recipe into a run directory")
     t.add_argument("recipe", nargs="?", help="a TOML recipe, e.g. recipes/mnist_tiny.toml")

@@ -1,7 +1,11 @@
 """Recipes: TOML files resolved into dataclasses, every key and type checked.
 
 A recipe has five tables, ``[model]``, ``[data]``, ``[optim]``, ``[schedule]`` and ``[train]``.
-``[model]`` holds ``name`` plus the model's own options (checked by the model registry).
+``[model]`` holds ``name``, the budgets ``max_params`` / ``max_macs``, and the model's own options
+(checked where the model is built, ``models.build``). ``name`` is a zoo model, a label for a design
+given by ``layers = [...]``, or ``"path/to/file.py:function"`` (read relative to the recipe's folder,
+then the working directory, and kept as an absolute path so the run rebuilds from anywhere) or
+``"package.module:function"``.
 Overrides use dotted keys, ``--set optim.lr=0.1``, or a bare key that only one table has,
 ``--set lr=0.1``.
 """
@@ -20,8 +24,10 @@ from cnnlab.errors import CnnlabError
 
 @dataclass
 class ModelConfig:
-    name: str = "mnist_tiny"
-    options: dict = field(default_factory=dict)  # the model's own options, e.g. dropout
+    name: str = "mnist_tiny"  # a zoo model, a design's label (with layers), or "file.py:function"
+    options: dict = field(default_factory=dict)  # the model's own options, e.g. dropout, or a design's layers
+    max_params: int = 0  # refuse a model with more parameters (Keras total; 0 = no limit)
+    max_macs: int = 0  # refuse a model with more multiply-accumulates per image (0 = no limit)
 
 
 @dataclass
@@ -152,8 +158,9 @@ def _check_type(where: str, value, default):
     return value
 
 
-def from_dict(raw: dict) -> Config:
-    """Build a checked Config from a nested dict (a parsed recipe)."""
+def from_dict(raw: dict, base_dir: str | Path | None = None) -> Config:
+    """Build a checked Config from a nested dict (a parsed recipe); ``base_dir`` is where a relative
+    ``[model] name = "file.py:function"`` is looked for first (the recipe's folder)."""
     cfg = Config()
     for section, table in raw.items():
         if section not in SECTION_TYPES:
@@ -163,16 +170,43 @@ def from_dict(raw: dict) -> Config:
             raise CnnlabError(f"'{section}' must be a table [{section}]")
         target = getattr(cfg, section)
         for key, value in table.items():
-            if section == "model" and key != "name":
-                target.options[key] = value  # checked by models.create_model
-                continue
             fields = {f.name: f for f in dataclasses.fields(target) if f.name != "options"}
+            if section == "model" and key not in fields:
+                target.options[key] = value  # checked by models.build
+                continue
             if key not in fields:
                 raise CnnlabError(f"unknown key {section}.{key}{_suggest(key, fields)}; valid keys in "
                                   f"[{section}]: {', '.join(fields)}")
             setattr(target, key, _check_type(f"{section}.{key}", value, getattr(target, key)))
+    if "layers" in cfg.model.options and "name" not in raw.get("model", {}):
+        cfg.model.name = "design"
+    cfg.model.name = resolve_reference(cfg.model.name, base_dir)
     validate(cfg)
     return cfg
+
+
+def file_reference(name: str) -> tuple[Path, str] | None:
+    """``"path/to/nets.py:build"`` -> ``(Path("path/to/nets.py"), "build")``; None for a zoo name or
+    a ``"package.module:function"``."""
+    target, colon, function = name.rpartition(":")
+    if not colon or not (target.endswith(".py") or "/" in target or "\\" in target):
+        return None
+    return Path(target).expanduser(), function
+
+
+def resolve_reference(name: str, base_dir: str | Path | None) -> str:
+    """A relative file reference made absolute: found in ``base_dir`` first, else the working directory."""
+    ref = file_reference(name)
+    if ref is None or ref[0].is_absolute():
+        return name
+    path, function = ref
+    folders = ([Path(base_dir)] if base_dir is not None else []) + [Path.cwd()]
+    for folder in folders:
+        if (folder / path).is_file():
+            return f"{(folder / path).resolve()}:{function}"
+    where = " or ".join(str(f.resolve()) for f in folders)
+    raise CnnlabError(f"[model] name = {name!r}: no file {path} in {where}; give the path of your .py file "
+                      f"relative to the recipe's folder or the working directory")
 
 
 def validate(cfg: Config) -> None:
@@ -183,6 +217,8 @@ def validate(cfg: Config) -> None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cfg.schedule.knots + cfg.schedule.values):
         raise CnnlabError("schedule.knots and schedule.values must be lists of numbers, e.g. knots = [0, 5, 24]")
     checks = [
+        (cfg.model.max_params >= 0, f"model.max_params = {cfg.model.max_params}: must be >= 0 (0 = no limit)"),
+        (cfg.model.max_macs >= 0, f"model.max_macs = {cfg.model.max_macs}: must be >= 0 (0 = no limit)"),
         (cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr}: must be > 0 (e.g. 0.01)"),
         (0 <= cfg.optim.momentum < 1, f"optim.momentum = {cfg.optim.momentum}: must be in [0, 1)"),
         (cfg.optim.eps > 0, f"optim.eps = {cfg.optim.eps}: must be > 0 (e.g. 1e-8)"),
@@ -243,7 +279,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Config:
         raise CnnlabError(f"recipe {path}: arrays or tables nested too deeply to read") from None
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(raw)
+    return from_dict(raw, base_dir=path.parent)
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -11,7 +11,8 @@ Grad-CAM (Selvaraju et al. 2017): weight each channel of the target layer's outp
 spatial mean of d score_c / d A_k, sum, ReLU, then scale each map by its maximum.
 
 The default target layer is the last child of ``model.features`` whose output is still spatial
-(H and W > 1), found with a dry forward pass; ``layer="features.3"`` names one from
+(H and W > 1), found with a dry forward pass; for a model without ``features`` (any
+``nn.Sequential``), the last layer with a spatial output. ``layer="features.3"`` names one from
 ``dict(model.named_modules())``. The model's parameters get no gradients (backward runs only to
 a private copy of the input), its train/eval mode is restored, and the input is not modified.
 """
@@ -26,12 +27,8 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import CenterCrop
-from cnnlab.models import MODELS, model_device
-
-
-def _default_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
-    name = getattr(model, "_cnnlab_name", None)
-    return MODELS[name].input_shape if name in MODELS else None
+from cnnlab import models
+from cnnlab.models import model_device
 
 
 @contextlib.contextmanager
@@ -94,13 +91,15 @@ def default_layer(model: nn.Module, input_shape) -> str:
     if not spatial:
         raise CnnlabError(f"{type(model).__name__} has no layer with a spatial output for input "
                           f"{tuple(input_shape)}; Grad-CAM needs a convolutional layer")
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Module):
-        children = [f"features.{n}" for n, _ in features.named_children()]
-        in_features = [n for n in children if n in spatial]
-        if in_features:
-            return in_features[-1]
-    return spatial[-1]
+    in_features = [n for n in blocks(model) if n in spatial] if models.body(model) is not model else []
+    return in_features[-1] if in_features else spatial[-1]
+
+
+def blocks(model: nn.Module) -> list[str]:
+    """Names of the children of the model's ``features`` (of the model itself when it has none)."""
+    part = models.body(model)
+    prefix = "" if part is model else next(n for n, m in model.named_modules() if m is part) + "."
+    return [prefix + n for n, _ in part.named_children()]
 
 
 def resolve_layer(model: nn.Module, layer: str | None, input_shape) -> str:
@@ -125,7 +124,7 @@ class GradCAM:
     def __init__(self, model: nn.Module, layer: str | None = None, input_shape=None):
         self.model = model
         self.requested = layer
-        self.input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(model)
+        self.input_shape = tuple(input_shape) if input_shape is not None else models.input_shape(model)
         self.layer: str | None = None
         self._handles: list = []
         self._activation: torch.Tensor | None = None
@@ -205,9 +204,8 @@ class GradCAM:
 
 def _onto_input(cam: torch.Tensor, model: nn.Module, size: tuple[int, int]) -> torch.Tensor:
     """Upsample maps [N, 1, h, w] onto the input: over the whole image, or, for a model whose
-    features start with a ``CenterCrop``, over the window it keeps (zero outside it)."""
-    features = getattr(model, "features", None)
-    first = next(iter(features.children()), None) if isinstance(features, nn.Module) else None
+    features (or its first layer) start with a ``CenterCrop``, over the window it keeps (zero outside it)."""
+    first = next(iter(models.body(model).children()), None)
     if not isinstance(first, CenterCrop):
         return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
     (h, w), s = size, first.size
@@ -217,16 +215,14 @@ def _onto_input(cam: torch.Tensor, model: nn.Module, size: tuple[int, int]) -> t
 
 
 def activations(model: nn.Module, x: torch.Tensor, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Feature maps of ``layers`` (default: each child of ``model.features``) for input ``x``.
+    """Feature maps of ``layers`` (default: each child of ``model.features``, or of the model itself
+    when it has no ``features``) for input ``x``.
 
     Returns name -> tensor (CPU, detached) in the order given; hooks are removed before returning.
     """
     named = dict(model.named_modules())
     if layers is None:
-        features = getattr(model, "features", None)
-        if not isinstance(features, nn.Module):
-            raise CnnlabError(f"{type(model).__name__} has no `features`; name the layers to show")
-        layers = [f"features.{n}" for n, _ in features.named_children()]
+        layers = blocks(model)
     unknown = [n for n in layers if n not in named or not n]
     if unknown:
         valid = ", ".join(n for n in named if n)

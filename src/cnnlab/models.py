@@ -1,22 +1,52 @@
-"""The model registry: every compact CNN cnnlab knows, built from the tiny factories in ``layers``.
+"""Where models come from, and what cnnlab expects of one (the model protocol).
 
-Each model is a ``layers.Net`` (or subclass) with ``features`` (input -> spatial map) and ``head``
-(spatial map -> logits); ``forward(x) == head(features(x))``. Use ``create_model(name, **options)``.
+The model protocol: any ``nn.Module`` is a model if
 
-Parameter budgets (``ModelSpec.budget``) are ``(low, high)`` bounds on ``sum(p.numel() for p in
-model.parameters())`` at default options, i.e. trainable + frozen parameters, BN buffers excluded.
+* (must) ``forward(x)`` maps images ``[N, C, H, W]`` to logits ``[N, num_classes]``.
+
+It may also have, and cnnlab reads these only through the small functions below
+(``body``, ``input_shape``, ``init_from_data``, ``start_epoch``):
+
+* ``features`` and ``head``: modules with ``forward(x) == head(features(x))``, ``features`` ending
+  in a spatial map. Grad-CAM then looks at the last spatial child of ``features`` and the feature
+  maps show each of its children; without them, the last spatial layer and each top-level child.
+* ``input_shape``: the ``(C, H, W)`` it is built for; ``summary`` and Grad-CAM use it when no shape
+  is given, and training refuses data with another channel count.
+* ``init_from_data(images)``: called once before training with up to 5,000 normalized training
+  images on the training device (airbench's whitening).
+* ``start_epoch(epoch)``: called before each epoch (1-based, also after a resume).
+
+``build(name, options, num_classes, input_shape)`` is the one way a ``[model]`` table becomes a
+module (training, checkpoints, summary, bench and the LR finder all use it):
+
+* ``[model] layers = [...]``: a design in the layer notation (``cnnlab.design``); ``name`` is a label.
+* ``name = "path/to/file.py:function"`` or ``"package.module:function"``: your own code, called as
+  ``function(num_classes=..., **other [model] keys)``; ``source(name)`` is what a checkpoint keeps
+  (the file and its sha256) so a fresh process rebuilds it, and warns if the file changed.
+* any other ``name``: the zoo below, ``create_model(name, num_classes, **options)``. Each zoo
+  model is a ``layers.Net`` built from the factories in ``layers``; its constructor checks its own
+  options. Parameter budgets (``ModelSpec.budget``) bound ``sum(p.numel() for p in
+  model.parameters())`` at default options (trainable + frozen, BN buffers excluded).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib
+import importlib.util
 import inspect
+import sys
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from cnnlab.config import file_reference
+from cnnlab.design import build_design
 from cnnlab.errors import CnnlabError
 from cnnlab.layers import CenterCrop, Dropout, GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
 
@@ -74,23 +104,6 @@ def _check_options(spec: ModelSpec, options: dict) -> None:
     if unknown:
         valid = ", ".join(sorted(spec.options)) or "(none)"
         raise CnnlabError(f"unknown option {unknown[0]!r} for model {spec.name!r}; valid options: {valid}")
-    for key, value in options.items():
-        if key == "width" and not (isinstance(value, (int, float)) and 0.25 <= value <= 4):
-            raise CnnlabError(f"width={value!r} for {spec.name!r} is out of range; use a multiplier in [0.25, 4]")
-        if key.startswith("dropout") and not (isinstance(value, (int, float)) and 0 <= value < 1):
-            raise CnnlabError(f"{key}={value!r} for {spec.name!r} is out of range; use a probability in [0, 1)")
-        if key == "pool" and value not in ("avg", "max"):
-            raise CnnlabError(f"pool={value!r} for {spec.name!r} is not valid; use 'avg' or 'max'")
-        if key in ("scale", "bn_momentum_keras") and not isinstance(value, (int, float)):
-            raise CnnlabError(f"{key}={value!r} for {spec.name!r} must be a number")
-        if key == "whiten_bias_epochs" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-            raise CnnlabError(f"whiten_bias_epochs={value!r} for {spec.name!r} must be a whole number of epochs >= 0")
-    if "bn_momentum_keras" in options and not 0 <= options["bn_momentum_keras"] < 1:
-        raise CnnlabError("bn_momentum_keras must be in [0, 1) (Keras convention: moving = m*moving + (1-m)*batch)")
-    if "scale" in options and options["scale"] <= 0:
-        raise CnnlabError(f"scale={options['scale']!r} must be > 0")
-    if "downsample" in options and options["downsample"] not in ("maxpool", "strided", "dilated"):
-        raise CnnlabError(f"downsample={options['downsample']!r} is not valid; use 'maxpool', 'strided' or 'dilated'")
 
 
 def create_model(name: str, num_classes: int | None = None, **options) -> nn.Module:
@@ -99,11 +112,227 @@ def create_model(name: str, num_classes: int | None = None, **options) -> nn.Mod
     _check_options(spec, options)
     if num_classes is None:
         num_classes = spec.num_classes
+    _check_num_classes(num_classes)
+    model = spec.constructor(num_classes=num_classes, **options)
+    model.input_shape = spec.input_shape  # the protocol's hook: summary and Grad-CAM default to it
+    return model
+
+
+def _check_num_classes(num_classes) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise CnnlabError(f"num_classes={num_classes!r} must be a positive integer")
-    model = spec.constructor(num_classes=num_classes, **options)
-    model._cnnlab_name = name  # lets summarize(model) find the default input shape
+
+
+# --------------------------------------------------------------------------- the model protocol
+
+
+def body(model: nn.Module) -> nn.Module:
+    """The part of the model that maps images to spatial maps: ``features`` if it has one, else the model."""
+    features = getattr(model, "features", None)
+    return features if isinstance(features, nn.Module) else model
+
+
+def input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """The ``(C, H, W)`` the model says it is built for, or None."""
+    shape = getattr(model, "input_shape", None)
+    return tuple(int(v) for v in shape) if isinstance(shape, (tuple, list)) and len(shape) == 3 else None
+
+
+def init_from_data(model: nn.Module, images: torch.Tensor) -> None:
+    """Let the model set itself up from normalized training images, if it wants to (airbench's whitening)."""
+    hook = getattr(model, "init_from_data", None)
+    if callable(hook):
+        hook(images)
+
+
+def start_epoch(model: nn.Module, epoch: int) -> None:
+    """Tell the model an epoch (1-based) begins, if it has a per-epoch rule (airbench: freeze the whitening bias)."""
+    hook = getattr(model, "start_epoch", None)
+    if callable(hook):
+        hook(epoch)
+
+
+# --------------------------------------------------------------------------- the one entry point
+
+
+def build(name: str, options: dict, num_classes: int, input_shape: tuple, source: dict | None = None,
+          log: Callable[[str], None] | None = None) -> nn.Module:
+    """The module a ``[model]`` table describes (``name`` plus its other keys as ``options``), for
+    ``num_classes`` classes and images of ``input_shape`` (C, H, W). ``source``: a checkpoint's
+    record of a Python file (see ``source``), checked against the file as it is now; a change is
+    reported through ``log`` (default: a warning line on stderr)."""
+    _check_num_classes(num_classes)
+    options = dict(options)
+    if "layers" in options:
+        return _build_design(name, options, num_classes, input_shape)
+    if is_reference(name):
+        if source is not None:
+            check_source(source, log or _warn)
+        return _call_reference(name, options, num_classes)
+    return create_model(name, num_classes, **options)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+DESIGN_KEYS = [k for k in inspect.signature(build_design).parameters if k not in ("num_classes", "input_shape")]
+
+
+def _build_design(name: str, options: dict, num_classes: int, input_shape: tuple) -> nn.Module:
+    if name in MODELS or is_reference(name):
+        what = "a zoo model" if name in MODELS else "a Python function"
+        raise CnnlabError(f"[model] has layers, so its name is only a label, but {name!r} names {what}; "
+                          f"drop layers to use {name!r}, or give the design another name")
+    unknown = sorted(set(options) - set(DESIGN_KEYS))
+    if unknown:
+        raise CnnlabError(f"unknown [model] key {unknown[0]!r} for a layer design; valid keys: name, "
+                          f"{', '.join(DESIGN_KEYS)}, max_params, max_macs")
+    return build_design(num_classes=num_classes, input_shape=tuple(input_shape), **options)
+
+
+def is_reference(name: str) -> bool:
+    """``"file.py:function"`` or ``"package.module:function"`` (a zoo name has no colon)."""
+    return ":" in name
+
+
+def label(name: str) -> str:
+    """A short name for tables: ``/home/me/nets/my_nets.py:build`` -> ``my_nets.py:build``."""
+    ref = file_reference(name)
+    return f"{ref[0].name}:{ref[1]}" if ref is not None else name
+
+
+def load_reference(ref: str) -> Callable:
+    """The function a reference names, importing its file or module; one-line errors for each way it fails."""
+    target, _, fn_name = ref.rpartition(":")
+    if not target or not fn_name.isidentifier():
+        raise CnnlabError(f"[model] name = {ref!r}: expected 'path/to/file.py:function' or 'package.module:function'")
+    file = file_reference(ref)
+    module = _import_file(file[0]) if file is not None else _import_module(target)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+        raise CnnlabError(f"{target} has no function {fn_name!r}; its functions: {', '.join(found) or '(none)'}")
+    return fn
+
+
+def _import_file(path: Path):
+    if not path.is_file():
+        raise CnnlabError(f"{path}: no such file; [model] name takes 'path/to/file.py:function', the path "
+                          f"relative to the recipe's folder or the working directory")
+    module_name = f"cnnlab_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # as an import would: dataclasses and pickle look classes up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's file failed: say where, in one line
+        del sys.modules[module_name]
+        raise CnnlabError(f"{path} raised {describe_exception(e, path)} while being imported; fix the file") from None
+    return module
+
+
+def _import_module(target: str):
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as e:
+        if e.name and (target == e.name or target.startswith(e.name + ".")):
+            raise CnnlabError(f"no module named {e.name!r} (from [model] name {target!r}); check the name, "
+                              f"install the package, or give a file path 'path/to/file.py:function'") from None
+        raise CnnlabError(f"module {target} raised {describe_exception(e, None)} while being imported; fix it") from None
+    except Exception as e:  # the user's module failed: say where, in one line
+        raise CnnlabError(f"module {target} raised {describe_exception(e, None)} while being imported; fix it") from None
+
+
+def describe_exception(e: Exception, path: Path | None = None) -> str:
+    """``NameError: name 'nn' is not defined (my_nets.py line 7)``: the innermost frame in ``path``
+    (default: the innermost outside torch), for a one-line error about someone's code."""
+    frames = traceback.extract_tb(e.__traceback__)
+    torch_dir = Path(torch.__file__).parent
+    mine = [f for f in frames if (Path(f.filename).resolve() == path.resolve() if path is not None
+                                  else torch_dir not in Path(f.filename).resolve().parents)]
+    frames = mine or frames
+    at = f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}{': ' + text if text else ''}{at}"
+
+
+def _call_reference(ref: str, options: dict, num_classes: int) -> nn.Module:
+    fn = load_reference(ref)
+    try:
+        inspect.signature(fn).bind(num_classes=num_classes, **options)
+    except TypeError as e:
+        params = ", ".join(inspect.signature(fn).parameters)
+        given = ", ".join(["num_classes", *options])
+        raise CnnlabError(f"{label(ref)} cannot take ({given}): {e}; its parameters are ({params}); give it "
+                          f"num_classes and one parameter per other [model] key") from None
+    try:
+        model = fn(num_classes=num_classes, **options)
+    except CnnlabError:
+        raise
+    except Exception as e:  # the user's function failed: say where, in one line
+        path = Path(inspect.getsourcefile(fn) or "")
+        raise CnnlabError(f"{label(ref)} raised {describe_exception(e, path)}; fix the function") from None
+    if not isinstance(model, nn.Module):
+        raise CnnlabError(f"{label(ref)} returned a {type(model).__name__}, not a torch.nn.Module; return the "
+                          f"network itself (e.g. an nn.Sequential)")
     return model
+
+
+def source(name: str) -> dict | None:
+    """What a checkpoint keeps to rebuild a model from a Python reference: the reference, the file
+    it lives in and that file's sha256 (None for zoo models and designs: their config says it all)."""
+    if not is_reference(name):
+        return None
+    file = file_reference(name)
+    if file is not None:
+        path = file[0].resolve()
+    else:
+        spec = importlib.util.find_spec(name.rpartition(":")[0])
+        path = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        return {"ref": name, "path": None, "sha256": None}
+    return {"ref": name, "path": str(path), "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_source(record: dict, log: Callable[[str], None]) -> None:
+    """Report (through ``log``) when the file a checkpoint was built from has changed since."""
+    path = record.get("path")
+    if not path or not record.get("sha256") or not Path(path).is_file():
+        return  # building it will say what is missing
+    now = _sha256(Path(path))
+    if now != record["sha256"]:
+        log(f"warning: {path} changed since the checkpoint was saved (sha256 {record['sha256'][:12]} -> {now[:12]}); "
+            f"the model is rebuilt from the file as it is now")
+
+
+# --------------------------------------------------------------------------- zoo option checks
+
+
+def _check_width(model: str, width) -> None:
+    if not (isinstance(width, (int, float)) and 0.25 <= width <= 4):
+        raise CnnlabError(f"width={width!r} for {model!r} is out of range; use a multiplier in [0.25, 4]")
+
+
+def _check_probability(model: str, key: str, value) -> None:
+    if not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise CnnlabError(f"{key}={value!r} for {model!r} is out of range; use a probability in [0, 1)")
+
+
+def _check_pool(model: str, pool) -> None:
+    if pool not in ("avg", "max"):
+        raise CnnlabError(f"pool={pool!r} for {model!r} is not valid; use 'avg' or 'max'")
+
+
+def _check_positive(model: str, key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CnnlabError(f"{key}={value!r} for {model!r} must be a number")
+    if value <= 0:
+        raise CnnlabError(f"{key}={value!r} must be > 0")
 
 
 def _w(channels: int, width: float) -> int:
@@ -113,8 +342,11 @@ def _w(channels: int, width: float) -> int:
 # --------------------------------------------------------------------------- MNIST (seed 002, Week 2)
 
 
-def _mnist_net(chans: dict, num_classes: int, dropout: float, pool: str, width: float) -> Net:
+def _mnist_net(chans: dict, num_classes: int, dropout: float, pool: str, width: float, name: str) -> Net:
     """conv-BN-ReLU-drop blocks, maxpool + 1x1 transition, GAP head with a 1x1 conv to classes."""
+    _check_probability(name, "dropout", dropout)
+    _check_pool(name, pool)
+    _check_width(name, width)
     c1, c2, t, c3 = (_w(chans[k], width) for k in ("c1", "c2", "t", "c3"))
     features = nn.Sequential(
         conv_bn(1, c1, padding=0, dropout=dropout),  # 28 -> 26, RF 3
@@ -134,14 +366,14 @@ def _mnist_net(chans: dict, num_classes: int, dropout: float, pool: str, width: 
           budget=(10_000, 14_999))
 def mnist_tiny(num_classes: int = 10, dropout: float = 0.05, pool: str = "avg", width: float = 1.0) -> nn.Module:
     """16 -> 24, maxpool, 1x1 -> 16, four 3x3 convs of 16 (last padded), GAP, 1x1 to classes (13,600 params)."""
-    return _mnist_net(dict(c1=16, c2=24, t=16, c3=16, extra=True), num_classes, dropout, pool, width)
+    return _mnist_net(dict(c1=16, c2=24, t=16, c3=16, extra=True), num_classes, dropout, pool, width, "mnist_tiny")
 
 
 @register("mnist_8k", (1, 28, 28), "seed 002 (Week 2)", "MNIST <8k: like mnist_tiny, narrower and one conv fewer",
           budget=(5_000, 7_999))
 def mnist_8k(num_classes: int = 10, dropout: float = 0.05, pool: str = "avg", width: float = 1.0) -> nn.Module:
     """8 -> 16, maxpool, 1x1 -> 8, three 3x3 convs of 16, GAP, 1x1 to classes (7,432 params)."""
-    return _mnist_net(dict(c1=8, c2=16, t=8, c3=16, extra=False), num_classes, dropout, pool, width)
+    return _mnist_net(dict(c1=8, c2=16, t=8, c3=16, extra=False), num_classes, dropout, pool, width, "mnist_8k")
 
 
 @register("mnist_fast", (1, 28, 28), "cnnlab (for speed)", "MNIST <15k built for CPU speed: 24x24 centre, space-to-depth",
@@ -157,6 +389,9 @@ def mnist_fast(num_classes: int = 10, dropout: float = 0.0, pool: str = "avg", w
     * 16 -> 16 at 12x12, maxpool, 16 -> 32 at 6x6, 32 -> 16 at 4x4 ('valid'), GAP, 1x1 to classes.
 
     RF 28 before the GAP, 40 after; 12,416 trainable parameters."""
+    _check_probability("mnist_fast", "dropout", dropout)
+    _check_pool("mnist_fast", pool)
+    _check_width("mnist_fast", width)
     if not (isinstance(crop, int) and not isinstance(crop, bool) and 12 <= crop <= 28 and crop % 2 == 0):
         raise CnnlabError(f"crop={crop!r} for mnist_fast must be an even number of pixels from 12 to 28")
     a, b, c, d = (_w(ch, width) for ch in (16, 16, 32, 16))
@@ -188,6 +423,8 @@ def cifar_sep92k(num_classes: int = 10, dropout: float = 0.1, dropout_lin: float
     """Exact port of the seed's Keras Sequential net. BN uses Keras defaults (eps 1e-3, momentum 0.99 =
     PyTorch 0.01). ``dropout`` is the seed's p_conv, ``dropout_lin`` its p_lin (values not given in the
     seed; 0.1 / 0.25 chosen)."""
+    _check_probability("cifar_sep92k", "dropout", dropout)
+    _check_probability("cifar_sep92k", "dropout_lin", dropout_lin)
     features = nn.Sequential(
         _sep_bn(3, 64, 1, dropout),  # 32
         _sep_bn(64, 64, 0, dropout),  # 30
@@ -256,6 +493,12 @@ def resnet9(num_classes: int = 10, width: float = 1.0, dropout: float = 0.1, poo
     """The seed's Keras ``resnet_small``: 3x3 convs without bias, BN eps 1e-5, Keras momentum 0.1
     (= PyTorch momentum 0.9), final MaxPool(4) (``pool='avg'`` for AvgPool(4)), Linear(512, 10, bias=False),
     logits times ``scale`` (DAWNBench used 0.125)."""
+    _check_width("resnet9", width)
+    _check_probability("resnet9", "dropout", dropout)
+    _check_pool("resnet9", pool)
+    _check_positive("resnet9", "scale", scale)
+    if isinstance(bn_momentum_keras, bool) or not isinstance(bn_momentum_keras, (int, float)) or not 0 <= bn_momentum_keras < 1:
+        raise CnnlabError("bn_momentum_keras must be in [0, 1) (Keras convention: moving = m*moving + (1-m)*batch)")
     c = {k: _w(v, width) for k, v in dict(prep=64, l1=128, l2=256, l3=512).items()}
 
     def block(c_in, c_out, drop=0.0):
@@ -289,6 +532,10 @@ def resnet_custom(num_classes: int = 10, dropout: float = 0.0, downsample: str =
     ``downsample`` (seed 003 mentions strided and dilated convs) replaces each conv+MaxPool(2) with
     'strided': a 3x3 conv with stride 2, or 'dilated': a 3x3 conv with stride 2 and dilation 2 (pad 2);
     both halve the map with the same parameter count; 'dilated' sees a wider context."""
+    _check_probability("resnet_custom", "dropout", dropout)
+    _check_width("resnet_custom", width)
+    if downsample not in ("maxpool", "strided", "dilated"):
+        raise CnnlabError(f"downsample={downsample!r} is not valid; use 'maxpool', 'strided' or 'dilated'")
     c = {k: _w(v, width) for k, v in dict(prep=64, l1=128, l2=256, l3=512).items()}
 
     def down(c_in, c_out):
@@ -377,6 +624,9 @@ def airbench94(num_classes: int = 10, scale: float = 1 / 9, whiten_bias_epochs: 
     """Frozen 2x2 whitening conv 3 -> 24 (no padding, 32 -> 31; its bias trains for the first
     ``whiten_bias_epochs`` epochs), GELU, conv groups 64/256/256 (conv-MaxPool-BN-GELU-conv-BN-GELU,
     31 -> 15 -> 7 -> 3), global max pool, Linear(256, classes, bias=False), times ``scale``."""
+    _check_positive("airbench94", "scale", scale)
+    if not (isinstance(whiten_bias_epochs, int) and not isinstance(whiten_bias_epochs, bool) and whiten_bias_epochs >= 0):
+        raise CnnlabError(f"whiten_bias_epochs={whiten_bias_epochs!r} for 'airbench94' must be a whole number of epochs >= 0")
     whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
     whiten.weight.requires_grad_(False)
     features = nn.Sequential(whiten, nn.GELU(), _air_group(24, 64), _air_group(64, 256), _air_group(256, 256))

@@ -15,7 +15,7 @@ import torch
 
 from cnnlab.atomic import atomic_torch_save, atomic_write_bytes
 from cnnlab.errors import CnnlabError
-from cnnlab.models import create_model
+from cnnlab.models import build
 
 
 def existing_run(run_dir) -> Path:
@@ -137,7 +137,8 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (the EMA weights if present)."""
-    model = create_model(ckpt["model_name"], num_classes=ckpt["num_classes"], **ckpt["model_options"])
+    model = build(ckpt["model_name"], ckpt["model_options"], ckpt["num_classes"], tuple(ckpt["dataset"]["shape"]),
+                  source=ckpt.get("model_source"))
     state = ckpt["ema_state_dict"] if use_ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
     load_weights(model, state, ckpt["model_name"])
     return model

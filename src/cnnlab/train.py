@@ -35,9 +35,9 @@ from cnnlab.config import Config
 from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, predict
-from cnnlab.models import create_model, get_spec, list_models
+from cnnlab import models
 from cnnlab.schedules import lr_at
-from cnnlab.summary import summarize
+from cnnlab.summary import check_budget, check_model
 
 
 @dataclass
@@ -117,25 +117,9 @@ class Setup:
 
 
 def check_compatible(cfg: Config, ds: Dataset) -> None:
-    if cfg.model.name in list_models():
-        spec = get_spec(cfg.model.name)
-        if spec.input_shape[0] != ds.shape[0]:
-            raise CnnlabError(f"model {spec.name} takes {spec.input_shape[0]}-channel images but {ds.name} has "
-                              f"{ds.shape[0]} channel(s); choose a model for {ds.shape[0]}-channel input (`cnnlab models`)")
     if cfg.data.batch_size > len(ds.train):
         raise CnnlabError(f"data.batch_size = {cfg.data.batch_size} is larger than the {len(ds.train)} training "
                           f"images of {ds.name}; use a batch size <= {len(ds.train)}")
-
-
-def check_output(name: str, summary, ds: Dataset) -> None:
-    """The model must give one logit per class: a head without global pooling fed larger images
-    gives more, and cross-entropy would train on them silently."""
-    out = summary.output_shape
-    if out != (ds.num_classes,):
-        size = f" ({'x'.join(map(str, get_spec(name).input_shape))})" if name in list_models() else ""
-        raise CnnlabError(f"model {name} gives outputs of shape {out} on {ds.name}'s {'x'.join(map(str, ds.shape))} "
-                          f"images, not {ds.num_classes} class scores; use images of the model's size{size} "
-                          f"or a model with global pooling")
 
 
 NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -202,19 +186,20 @@ def setup(cfg: Config, model: torch.nn.Module | None = None, log=print) -> Setup
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     dtype = DTYPES[cfg.train.dtype]
+    if model is None:
+        check_budget(cfg)  # [model] max_params / max_macs, before any data is loaded
     cfg, ds = load_data(cfg, log)
     torch.manual_seed(cfg.train.seed)
     if model is None:
-        model = create_model(cfg.model.name, num_classes=ds.num_classes, **cfg.model.options)
-    summary = summarize(model, input_shape=ds.shape)  # raises a clear error when the shape does not fit
-    check_output(cfg.model.name, summary, ds)
+        model = models.build(cfg.model.name, cfg.model.options, ds.num_classes, ds.shape)
+    summary = check_model(model, cfg.model.name, ds.shape, ds.num_classes, ds.name, cfg.model.max_params,
+                          cfg.model.max_macs)  # one-line errors: channels, map too small, output, budgets
     train_loader, eval_loader = make_loaders(cfg, ds, device)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    if hasattr(model, "init_from_data"):
-        n = min(len(ds.train), 5000)
-        model.init_from_data(normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
+    n = min(len(ds.train), 5000)
+    models.init_from_data(model, normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
     return Setup(cfg, ds, model, train_loader, eval_loader, build_optimizer(model, cfg.optim), device, dtype,
                  summary.to_text(), summary.total_params, summary.macs,
                  forward=torch.compile(model) if cfg.train.compile else model,
@@ -368,6 +353,7 @@ def checkpoint(s: Setup, st: RunState) -> dict:
     """The checkpoint of the run as it stands (schema: ``runs.checkpoint``)."""
     return runs.checkpoint(
         model_name=s.cfg.model.name, model_options=dict(s.cfg.model.options), num_classes=s.ds.num_classes,
+        model_source=models.source(s.cfg.model.name),
         config=config_mod.to_dict(s.cfg), dataset=runs.dataset_facts(s.ds), epoch=st.epoch,
         state_dict=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
         ema_state_dict=s.ema.state_dict() if s.ema is not None else None, lookahead=st.lookahead,
@@ -397,7 +383,7 @@ def result_json(s: Setup, st: RunState, status: str) -> dict:
     evaluated = [r for r in st.history if r.get(f"{split}_acc") is not None]
     last = evaluated[-1] if evaluated else {}
     return {
-        "status": status, "model": cfg.model.name, "dataset": s.ds.name, "eval_split": split,
+        "status": status, "model": models.label(cfg.model.name), "dataset": s.ds.name, "eval_split": split,
         "selected_on": split,  # what best.pt, patience and stop_at_target compared
         **({"note": "no validation split (data.val_split = 0): every accuracy here is on the test set, and best.pt, "
                     "patience and stop_at_target selected on it"} if split == "test" else {}),
@@ -430,8 +416,7 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
     """One pass over the training data; the start of the epoch's metrics row."""
     cfg, model, opt, device = s.cfg, s.model, s.optimizer, s.device
     model.train()
-    if hasattr(model, "start_epoch"):  # a model's own per-epoch rule (airbench: freeze the whitening bias)
-        model.start_epoch(epoch)
+    models.start_epoch(model, epoch)  # a model's own per-epoch rule (airbench: freeze the whitening bias)
     steps_per_epoch, total = len(s.train_loader), len(s.train_loader) * cfg.train.epochs
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -546,6 +531,7 @@ def _train(cfg, out, resume, overwrite, model, on_epoch, log) -> RunResult:
     ckpt = open_resume(out) if resume else None
     if ckpt is not None:
         out, cfg = out.parent if out.is_file() else out, config_mod.from_dict(ckpt["config"])
+        models.check_source(ckpt.get("model_source") or {}, log)  # warns if the model's .py file changed
     elif resume:  # stopped (kill -9) before its first checkpoint: start again from its recipe
         cfg = config_mod.load_recipe(out / "config.toml")
     elif out is not None:
