@@ -4,7 +4,7 @@ exception, never a hang.
 Each property runs its cases under a hard time limit (``within``: SIGALRM, so a case that never
 returns fails instead of hanging the suite). Inputs: IDX headers and payloads, CIFAR pickle
 batches (random bytes, mutated batches, hand-written hostile pickles that try to run code), TOML
-recipes and ``--set`` overrides, corrupt PNG/JPEG files in an image folder.
+recipes and ``--set`` overrides, corrupt PNG/JPEG files in an image folder, the layer notation.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnnlab import config, formats
+from cnnlab import config, design, formats
 from cnnlab.datasets import DATASETS
 from cnnlab.errors import CnnlabError
 
@@ -295,7 +296,27 @@ def test_an_image_too_large_to_decode_is_one_line(tmp_path, writers):
 
 
 # ----------------------------------------------------------------------------- the layer notation
-# Issue 14's layer notation (``[model] layers = [...]``) is parsed by the design module once it lands.
-# Its fuzz test belongs here: strings and nested lists of layer words with random arguments, through
-# the design module's parser and a summary of the result -> a model or one CnnlabError line, never
-# another exception, within SECONDS.
+
+
+TOKENS = st.one_of(st.integers(0, 40).map(str), st.tuples(st.sampled_from("kpsdg"), st.integers(1, 9)).map(lambda t: f"{t[0]}{t[1]}"),
+                   st.sampled_from(["classes", "0.5", "1e-3", "bias", "plain", "ceil", "nobias", "-1", "p0", ""]),
+                   st.text(max_size=4))
+ENTRIES = st.tuples(st.sampled_from([*design.WORDS, "zzz"]), st.lists(TOKENS, max_size=4)).map(
+    lambda t: " ".join([t[0], *t[1]]))
+LAYER_LISTS = st.lists(st.recursive(ENTRIES, lambda inner: st.lists(inner, max_size=4).map(lambda b: ["res", *b]),
+                                    max_leaves=8), max_size=8)
+
+
+@FUZZ
+@given(layers=st.one_of(LAYER_LISTS, TOML_VALUES), shape=st.sampled_from([(1, 28, 28), (3, 32, 32), (1, 4, 4)]),
+       dropout=st.one_of(st.floats(0, 0.9), st.just(1.5)))
+def test_layer_notation(layers, shape, dropout):
+    """Layer lists (words with numbers of up to 40 channels, settings, switches, junk, nested
+    residual blocks): a network that runs on an image of ``shape``, or one line naming the layer.
+    (Sizes are kept small: a design of 10^12 channels is a separate finding, see the closing note.)"""
+    def build_and_run():
+        net = design.build_design(layers, 10, shape, dropout=dropout)
+        with torch.no_grad():
+            assert net.eval()(torch.zeros(2, *shape)).shape[0] == 2
+
+    only_cnnlab_errors(build_and_run)
