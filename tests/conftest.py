@@ -10,6 +10,11 @@ Writers (plain functions, also exposed as fixtures so any test file can use them
   ``folder/cifar-10-batches-py`` (or ``cifar-100-python``).
 - ``write_tar_gz(folder, archive)``: the release ``.tar.gz`` with that folder inside.
 - ``write_image_folder(root, ...)``: ``root/<class>/*.png`` or ``root/{train,test}/<class>/*.png``.
+
+Shared by every test file: ``cli(*argv)`` runs the cnnlab command in the test's process;
+``check`` holds the common assertions (``one_line_error``, ``untimed``, ``snapshot``);
+``mnist_run`` is one short real-MNIST run per session; torch's thread count is restored after
+each test (``train.threads`` sets it process-wide).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -262,6 +268,81 @@ def writers() -> SimpleNamespace:
                            cifar_batch=cifar_batch, write_pickle=write_pickle, write_cifar_dir=write_cifar_dir,
                            write_tar_gz=write_tar_gz, write_image_folder=write_image_folder,
                            stray_files=stray_files)
+
+
+# ----------------------------------------------------------------------------- the CLI, runs and assertions
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``train.threads`` sets torch's process-wide thread count; give the next test its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*argv) -> (exit code, stdout, stderr)``: the cnnlab command, run in this process."""
+    from cnnlab.cli import main
+
+    def run(*argv):
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    """The command failed with exit code 2 and one line ``error: ...`` holding every needle, no traceback."""
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+TIMES = ("epoch_seconds", "train_seconds", "wall_seconds")
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their timings (what two equal runs share bit for bit)."""
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in rows]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes (to show that nothing changed)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def check() -> SimpleNamespace:
+    return SimpleNamespace(one_line_error=assert_one_line_error, untimed=untimed, snapshot=snapshot)
+
+
+MNIST_RUN = ["data.subset=2000", "data.val_split=1000", "train.epochs=1", "train.quiet=true", 'train.dtype="float32"',
+             'optim.name="adam"', "optim.lr=0.003", 'schedule.name="constant"', "data.crop_pad=0",
+             "data.batch_size=32", "train.threads=1"]
+
+
+@pytest.fixture(scope="session")
+def mnist_run_sets() -> list[str]:
+    """The overrides of ``mnist_run`` (on recipes/mnist_tiny.toml), for variants of it."""
+    return list(MNIST_RUN)
+
+
+@pytest.fixture(scope="session")
+def mnist_run(tmp_path_factory) -> Path:
+    """One real-MNIST run per test session: 2000 training images, 1 epoch, 1000 held out ("val").
+    Tests copy it before changing anything in it."""
+    from cnnlab import config, train
+
+    run = tmp_path_factory.mktemp("mnist-run") / "tiny"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "mnist_tiny.toml"
+    train.train(config.load_recipe(recipe, MNIST_RUN), run)
+    return run
 
 
 @pytest.fixture

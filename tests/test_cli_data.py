@@ -17,21 +17,6 @@ from cnnlab.cli import main
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def run(capsys, *argv):
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
-
-
 # ----------------------------------------------------------------------------- bad inputs, as commands
 
 
@@ -73,17 +58,17 @@ CASES = ["unknown", "magic", "truncated", "cifar-shape", "strict", "empty-folder
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_in_process(capsys, tmp_path, writers, case):
+def test_bad_input_in_process(cli, check, tmp_path, writers, case):
     argv, needles = bad_cases(tmp_path, writers)[case]
-    rc, out, err = run(capsys, *argv)
+    rc, out, err = cli(*argv)
     assert rc == 2
-    assert_one_line_error(rc, err, *needles)
+    check.one_line_error(rc, err, *needles)
     cache = tmp_path / "cache"  # nothing half-written: no temporary files, no tensor cache
     assert writers.stray_files(cache) == []
     assert list(cache.rglob("tensors.pt")) == [] and list(cache.rglob("raw")) == []
 
 
-def test_bad_input_as_a_real_process(tmp_path, writers):
+def test_bad_input_as_a_real_process(tmp_path, writers, check):
     """The same commands as separate processes (run side by side): exit code 2, one line, no traceback."""
     cases = bad_cases(tmp_path, writers)
     env = {**os.environ, "PYTHONPATH": str(SRC), "CNNLAB_OFFLINE": "1"}
@@ -93,30 +78,30 @@ def test_bad_input_as_a_real_process(tmp_path, writers):
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, (name, proc.returncode, err)
-        assert_one_line_error(proc.returncode, err, *cases[name][1])
+        check.one_line_error(proc.returncode, err, *cases[name][1])
 
 
-def test_failed_get_keeps_the_cached_dataset(capsys, tmp_path, writers):
+def test_failed_get_keeps_the_cached_dataset(cli, check, tmp_path, writers):
     root = str(tmp_path / "cache")
     good = writers.write_mnist_dir(tmp_path / "good", seed=4)
-    rc, out, _ = run(capsys, "data", "get", "mnist", "--from", str(good.folder), "--root", root)
+    rc, out, _ = cli("data", "get", "mnist", "--from", str(good.folder), "--root", root)
     assert rc == 0 and "UNVERIFIED" in out and "24 train / 12 test" in out
     before = {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
     bad = writers.write_mnist_dir(tmp_path / "bad", seed=5)
     (bad.folder / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03")
-    rc, _, err = run(capsys, "data", "get", "mnist", "--from", str(bad.folder), "--root", root)
-    assert_one_line_error(rc, err, str(bad.folder / "t10k-images-idx3-ubyte"), "truncated header")
-    rc, _, err = run(capsys, "data", "get", "mnist", "--from", str(bad.folder), "--root", root, "--strict")
+    rc, _, err = cli("data", "get", "mnist", "--from", str(bad.folder), "--root", root)
+    check.one_line_error(rc, err, str(bad.folder / "t10k-images-idx3-ubyte"), "truncated header")
+    rc, _, err = cli("data", "get", "mnist", "--from", str(bad.folder), "--root", root, "--strict")
     assert rc == 2
     after = {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
     assert after == before and writers.stray_files(Path(root)) == []
-    rc, out, err = run(capsys, "data", "info", "mnist", "--root", root)
+    rc, out, err = cli("data", "info", "mnist", "--root", root)
     assert rc == 0 and "train:    24 images" in out and "unverified" in out
 
 
-def test_info_without_get(capsys, tmp_path):
-    rc, _, err = run(capsys, "data", "info", "cifar100", "--root", str(tmp_path))
-    assert_one_line_error(rc, err, "cnnlab data get cifar100")
+def test_info_without_get(cli, check, tmp_path):
+    rc, _, err = cli("data", "info", "cifar100", "--root", str(tmp_path))
+    check.one_line_error(rc, err, "cnnlab data get cifar100")
 
 
 def test_missing_arguments_exit_nonzero(capsys):
@@ -131,22 +116,22 @@ def test_missing_arguments_exit_nonzero(capsys):
 # ----------------------------------------------------------------------------- good inputs
 
 
-def test_info_real_mnist(capsys, data_root):
-    rc, out, err = run(capsys, "data", "info", "mnist", "--root", str(data_root))
+def test_info_real_mnist(cli, data_root):
+    rc, out, err = cli("data", "info", "mnist", "--root", str(data_root))
     assert rc == 0 and err == ""
     assert "60,000" in out and "10,000" in out and "0.1307" in out and "0.3081" in out
     source = json.loads((data_root / "mnist" / "source.json").read_text())["source"]
     assert f"source:   {source} (verified)" in out and "1x28x28" in out  # wherever the copy came from
 
 
-def test_info_val_split_and_image_folder(capsys, tmp_path, tiny_image_folder, tiny_cifar_dir):
+def test_info_val_split_and_image_folder(cli, check, tmp_path, tiny_image_folder, tiny_cifar_dir):
     root = str(tmp_path / "cache")
-    rc, out, _ = run(capsys, "data", "get", "cifar10", "--from", str(tiny_cifar_dir.root), "--root", root)
+    rc, out, _ = cli("data", "get", "cifar10", "--from", str(tiny_cifar_dir.root), "--root", root)
     assert rc == 0 and "40 train / 10 test" in out
-    rc, out, _ = run(capsys, "data", "info", "cifar10", "--root", root, "--val-split", "5")
+    rc, out, _ = cli("data", "info", "cifar10", "--root", root, "--val-split", "5")
     assert rc == 0 and "train:    35 images" in out and re.search(r"^val:\s+5 images$", out, re.M)
     assert "class_airplane" in out and "unverified" in out
-    rc, out, _ = run(capsys, "data", "info", str(tiny_image_folder.root), "--root", root)
+    rc, out, _ = cli("data", "info", str(tiny_image_folder.root), "--root", root)
     assert rc == 0 and "3x8x8" in out and "cat, dog, emu" in out and "train:    9 images" in out
-    rc, _, err = run(capsys, "data", "info", "cifar10", "--root", root, "--val-split", "40")
-    assert_one_line_error(rc, err, "val_split=40")
+    rc, _, err = cli("data", "info", "cifar10", "--root", root, "--val-split", "40")
+    check.one_line_error(rc, err, "val_split=40")

@@ -19,15 +19,8 @@ import cnnlab
 from cnnlab import config, evaluate, summary, train
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
-from test_evaluate import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 # ----------------------------------------------------------------------------- image folders through training
@@ -64,11 +57,10 @@ def test_importing_cnnlab_leaves_the_matplotlib_backend_alone(tmp_path):
 # ----------------------------------------------------------------------------- OSError and --debug at the CLI
 
 
-def test_oserror_on_a_user_path_is_one_line(tmp_path, capsys, monkeypatch):
+def test_oserror_on_a_user_path_is_one_line(tmp_path, cli, check, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc, _, err = cli(capsys, "train", "r" * 300 + ".toml")  # the name is too long for the file system
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "File name too long" in err and "r" * 300 in err
+    rc, _, err = cli("train", "r" * 300 + ".toml")  # the name is too long for the file system
+    check.one_line_error(rc, err, "File name too long", "r" * 300)
 
 
 def oserror_in_cnnlab(monkeypatch, exc: OSError) -> None:
@@ -82,7 +74,7 @@ def oserror_in_cnnlab(monkeypatch, exc: OSError) -> None:
     FileNotFoundError(errno.ENOENT, "No such file or directory", str(Path(cnnlab.__file__).parent / "zoo.json")),
     OSError(errno.EIO, "Input/output error"),  # names no file at all
 ])
-def test_oserror_inside_cnnlab_is_not_hidden(capsys, monkeypatch, exc):
+def test_oserror_inside_cnnlab_is_not_hidden(monkeypatch, exc):
     """A bug that raises OSError on cnnlab's own files (or on none) keeps its traceback."""
     oserror_in_cnnlab(monkeypatch, exc)
     with pytest.raises(OSError) as raised:
@@ -91,16 +83,16 @@ def test_oserror_inside_cnnlab_is_not_hidden(capsys, monkeypatch, exc):
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
-def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, how):
+def test_debug_shows_the_traceback(tmp_path, cli, check, monkeypatch, how):
     monkeypatch.chdir(tmp_path)
     argv = ["train", "missing.toml"]
-    rc, _, err = cli(capsys, *argv)
-    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1
+    rc, _, err = cli(*argv)
+    check.one_line_error(rc, err, "no such file")
     if how == "flag":
         argv = ["--debug", *argv]
     else:
         monkeypatch.setenv("CNNLAB_DEBUG", "1")
-    rc, _, err = cli(capsys, *argv)
+    rc, _, err = cli(*argv)
     assert rc == 2
     assert "Traceback (most recent call last)" in err and "load_recipe" in err  # where it was raised
     assert err.strip().splitlines()[-1].startswith("error: recipe missing.toml: no such file")
@@ -118,11 +110,6 @@ def test_run_device(monkeypatch, device, cuda, count, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     assert evaluate.run_device({"config": {"train": {"device": device}}}) == torch.device(expected)
-
-
-@pytest.fixture(scope="module")
-def mnist_run(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
 
 
 def test_evaluate_runs_on_the_runs_device(tmp_path, mnist_run):

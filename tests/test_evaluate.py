@@ -11,44 +11,14 @@ import torch
 from PIL import Image
 
 from cnnlab import config, evaluate, runs, train
-from cnnlab.cli import main
 from cnnlab.evaluate import confusion_matrix, metrics, top_losses
 
 PICTURES = ("curves.png", "confusion.png", "misclassified.png", "gradcam.png", "activations.png")
-TINY_OVERRIDES = ["data.subset=2000", "data.val_split=1000", "train.epochs=1", "train.quiet=true",
-                  'train.dtype="float32"', 'optim.name="adam"', "optim.lr=0.003", 'schedule.name="constant"',
-                  "data.crop_pad=0", "data.batch_size=32", "train.threads=1"]
-
-
-def tiny_run(tmp_path_factory) -> Path:
-    """One real-MNIST run per test session: 2000 training images, 1 epoch, 1000 held out ("val")."""
-    run = tmp_path_factory.getbasetemp() / "tiny-mnist-run"
-    if not (run / "result.json").is_file():
-        threads = torch.get_num_threads()
-        try:
-            train.train(config.load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mnist_tiny.toml", TINY_OVERRIDES), run)
-        finally:
-            torch.set_num_threads(threads)
-    return run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
-
-
-def cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in err, (needle, err)
+def run_dir(mnist_run) -> Path:
+    return mnist_run
 
 
 # ----------------------------------------------------------------------------- metrics by hand
@@ -141,10 +111,10 @@ def test_default_split_is_the_runs_own(run_dir, tmp_path):
     assert name == "test" and len(split) == 10000
 
 
-def test_cli_evaluate_writes_eval_json_and_pictures(run_dir, tmp_path, capsys):
+def test_cli_evaluate_writes_eval_json_and_pictures(run_dir, tmp_path, cli):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    rc, out, err = cli(capsys, "evaluate", run, "--split", "val", "--n", "6", "--tta")
+    rc, out, err = cli("evaluate", run, "--split", "val", "--n", "6", "--tta")
     assert rc == 0, err
     assert "balanced accuracy" in out and "wrote" in out
     ev = json.loads((run / "eval.json").read_text())
@@ -161,33 +131,33 @@ def _broken_copy(run_dir: Path, tmp_path: Path, name: str) -> Path:
     return dst
 
 
-def test_cli_evaluate_bad_inputs(run_dir, tmp_path, capsys, monkeypatch):
+def test_cli_evaluate_bad_inputs(run_dir, tmp_path, cli, check, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(*cli(capsys, "evaluate", empty)[::2], "not a cnnlab run")
-    assert_one_line_error(*cli(capsys, "evaluate", tmp_path / "nope")[::2], "no such run directory")
+    check.one_line_error(*cli("evaluate", empty)[::2], "not a cnnlab run")
+    check.one_line_error(*cli("evaluate", tmp_path / "nope")[::2], "no such run directory")
 
     no_ckpt = _broken_copy(run_dir, tmp_path, "no-ckpt")
     (no_ckpt / "best.pt").unlink()
-    assert_one_line_error(*cli(capsys, "evaluate", no_ckpt)[::2], "no checkpoint best.pt")
+    check.one_line_error(*cli("evaluate", no_ckpt)[::2], "no checkpoint best.pt")
 
     other = _broken_copy(run_dir, tmp_path, "other-model")
     ckpt = runs.load_checkpoint(other, "best")
     ckpt["model_name"] = "mnist_8k"
     runs.save_checkpoint(other / "best.pt", ckpt)
-    assert_one_line_error(*cli(capsys, "evaluate", other)[::2], "do not fit model mnist_8k", "another model")
+    check.one_line_error(*cli("evaluate", other)[::2], "do not fit model mnist_8k", "another model")
 
     no_val = _broken_copy(run_dir, tmp_path, "no-val")
     ckpt = runs.load_checkpoint(no_val, "best")
     ckpt["config"]["data"]["val_split"] = 0
     runs.save_checkpoint(no_val / "best.pt", ckpt)
-    assert_one_line_error(*cli(capsys, "evaluate", no_val, "--split", "val")[::2], "--split test")
+    check.one_line_error(*cli("evaluate", no_val, "--split", "val")[::2], "--split test")
 
-    assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--split", "val", "--layer", "head.9")[::2],
+    check.one_line_error(*cli("evaluate", run_dir, "--split", "val", "--layer", "head.9")[::2],
                           "head.9", "features.7")
 
     monkeypatch.setenv("CNNLAB_DATA", str(tmp_path / "no-data-here"))
-    assert_one_line_error(*cli(capsys, "evaluate", run_dir, "--split", "val")[::2], "cnnlab data get mnist")
+    check.one_line_error(*cli("evaluate", run_dir, "--split", "val")[::2], "cnnlab data get mnist")
 
 
 def test_tta_views_and_predict_average_them():
@@ -219,16 +189,12 @@ def test_tta_views_and_predict_average_them():
     assert not logits.requires_grad  # evaluation builds no autograd graph
 
 
-def test_evaluate_uses_the_runs_precision(tmp_path):
+def test_evaluate_uses_the_runs_precision(tmp_path, mnist_run_sets):
     """A bfloat16 run is evaluated under bfloat16 autocast, as training evaluated it: the same
     accuracy and loss (evaluating in float32 moves both)."""
-    overrides = [o for o in TINY_OVERRIDES if "dtype" not in o] + ['train.dtype="bfloat16"']
-    threads = torch.get_num_threads()
-    try:
-        train.train(config.load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mnist_tiny.toml",
-                                       overrides), tmp_path / "run")
-    finally:
-        torch.set_num_threads(threads)
+    overrides = [o for o in mnist_run_sets if "dtype" not in o] + ['train.dtype="bfloat16"']
+    train.train(config.load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mnist_tiny.toml", overrides),
+                tmp_path / "run")
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     ev = evaluate.evaluate_run(tmp_path / "run", split="val", n_images=1, out_dir=tmp_path)
     assert ev["dtype"] == "bfloat16"

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from cnnlab.cli import main
-from test_evaluate import PICTURES, assert_one_line_error, assert_png, cli, tiny_run
+from test_evaluate import PICTURES, assert_png
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -39,10 +39,10 @@ def run_chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory) -> tuple[Path, Path]:
+def reported(tmp_path_factory, mnist_run) -> tuple[Path, Path]:
     """A copy of the tiny run with no eval.json: ``cnnlab report`` must evaluate it first."""
     run = tmp_path_factory.mktemp("report") / "tiny"
-    shutil.copytree(tiny_run(tmp_path_factory), run)
+    shutil.copytree(mnist_run, run)
     for name in ("eval.json", *PICTURES):
         (run / name).unlink(missing_ok=True)
     rc = main(["report", str(run)])
@@ -108,7 +108,7 @@ def test_report_includes_lr_find_when_present(reported, tmp_path):
     assert len(re.findall(r'<img src="data:image/png;base64,', text)) == len(PICTURES) + 1
 
 
-def test_runs_table_and_compare(reported, tmp_path, capsys):
+def test_runs_table_and_compare(reported, tmp_path, cli, check):
     run, _ = reported
     root = tmp_path / "runs"
     root.mkdir()
@@ -118,22 +118,22 @@ def test_runs_table_and_compare(reported, tmp_path, capsys):
     result["best_val_acc"] = 0.999
     (root / "b" / "result.json").write_text(json.dumps(result))
     (root / "not-a-run").mkdir()
-    rc, out, err = cli(capsys, "runs", root, "--sort", "best_acc")
+    rc, out, err = cli("runs", root, "--sort", "best_acc")
     assert rc == 0, err
     lines = out.strip().splitlines()
     assert lines[0].split()[:4] == ["name", "model", "dataset", "params"]
     assert [ln.split()[0] for ln in lines[2:]] == ["b", "a"]  # best accuracy first
     assert "99.90%" in lines[2] and "13,840" in lines[2] and "mnist_tiny" in lines[2]
-    assert_one_line_error(*cli(capsys, "runs", root, "--sort", "colour")[::2], "best_acc")
-    assert_one_line_error(*cli(capsys, "runs", tmp_path / "missing")[::2], "no such directory")
+    check.one_line_error(*cli("runs", root, "--sort", "colour")[::2], "best_acc")
+    check.one_line_error(*cli("runs", tmp_path / "missing")[::2], "no such directory")
 
     png = tmp_path / "cmp.png"
-    rc, out, err = cli(capsys, "compare", root / "a", root / "b", "--out", png)
+    rc, out, err = cli("compare", root / "a", root / "b", "--out", png)
     assert rc == 0, err
     assert_png(png)
     assert "a " in out and "b " in out and str(png) in out
-    assert_one_line_error(*cli(capsys, "compare", root / "a", root / "not-a-run")[::2], "not a cnnlab run")
+    check.one_line_error(*cli("compare", root / "a", root / "not-a-run")[::2], "not a cnnlab run")
 
 
-def test_report_bad_input(tmp_path, capsys):
-    assert_one_line_error(*cli(capsys, "report", tmp_path)[::2], "not a cnnlab run")
+def test_report_bad_input(tmp_path, cli, check):
+    check.one_line_error(*cli("report", tmp_path)[::2], "not a cnnlab run")

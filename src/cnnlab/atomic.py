@@ -3,15 +3,15 @@
 Every file cnnlab writes (checkpoints, metrics, results, the tensor cache, pictures, reports) goes
 through ``atomic_write_bytes``: the bytes go to a hidden temp file beside the target, are flushed
 to disk, then renamed over it. A process killed mid-write (``kill -9``, power loss) leaves the old
-file intact plus, at worst, its hidden temp file ``.NAME~HOST~PID~XXXX.tmp``; the next write of
-NAME removes temp files whose writer no longer runs. A full disk or another write error is one
-line naming the file (``CnnlabError``), and the old file is left as it was.
+file intact plus, at worst, its hidden temp file ``.NAME~HOST~PID~XXXX.tmp``; the next write into
+that folder removes the temp files of writers that no longer run. A failed write leaves the old
+file as it was: a full disk is one line naming the file (``CnnlabError``), another error an
+``OSError`` naming it.
 """
 
 from __future__ import annotations
 
 import errno
-import glob
 import io
 import os
 import socket
@@ -30,8 +30,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path) + f"{socket.gethostname()}~{os.getpid()}~",
+        remove_stale_temps(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}~{socket.gethostname()}~{os.getpid()}~",
                                    suffix=".tmp")
     except OSError as e:
         raise write_error(path, e) from None
@@ -57,26 +57,21 @@ def atomic_torch_save(obj, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_error(path: Path, e: OSError) -> CnnlabError:
-    """The one-line error for a failed write of ``path``: a full disk says so."""
+def write_error(path: Path, e: OSError) -> Exception:
+    """What to raise for a failed write of ``path``: one line for a full disk, else ``e`` naming ``path``."""
     if e.errno in DISK_FULL:
-        return CnnlabError(f"disk full: cannot write {path} ({e.strerror}); free some space and run again "
-                           f"(the previous {path.name}, if any, is unchanged)")
-    return CnnlabError(f"cannot write {path} ({e.strerror or e}); check the folder exists and is writable")
+        return CnnlabError(f"disk full: could not write {path} ({e.strerror}); free some space and run again "
+                           f"(what was there before is unchanged)")
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}~"
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Delete the temp files of ``path`` left by writers on this host that no longer run (killed mid-write).
-
-    A temp file of a writer that still runs (another process filling the same cache) is left alone."""
-    prefix, host = _temp_prefix(path), socket.gethostname()
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        fields = tmp.name[len(prefix):].split("~")
-        if len(fields) == 3 and fields[0] == host and fields[1].isdigit() and not pid_alive(int(fields[1])):
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files in ``folder`` left by writers on this host that no longer run (killed
+    mid-write). A temp file of a writer that still runs (another process filling the same cache) stays."""
+    host = socket.gethostname()
+    for tmp in folder.glob(".*~*~*~*.tmp"):
+        _, tmp_host, pid, _ = tmp.name.rsplit("~", 3)
+        if tmp_host == host and pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 

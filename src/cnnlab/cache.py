@@ -41,12 +41,17 @@ def cached(name: str, cache: Path, fp: list, build) -> Dataset:
         except Exception:  # a damaged cache is rebuilt below
             pass
     ds = build()
+    save_cache(cache, fp, ds)
+    return ds
+
+
+def save_cache(cache: Path, fp: list, ds: Dataset) -> None:
+    """Write ``ds`` as the tensor cache ``cache`` of the files fingerprinted ``fp`` (atomically)."""
     blob = {"fingerprint": fp, "classes": ds.classes, "train_x": ds.train.images, "train_y": ds.train.labels,
             "mean": list(ds.mean), "std": list(ds.std), "source": ds.source, "verified": ds.verified}
     if ds.test is not None:
         blob.update(test_x=ds.test.images, test_y=ds.test.labels)
     atomic_torch_save(blob, cache)
-    return ds
 
 
 def load_cached(name: str, raw: Path, cache: Path) -> Dataset:

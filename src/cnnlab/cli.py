@@ -305,9 +305,10 @@ def on_user_path(e: OSError, args) -> bool:
     given += [x for v in vars(args).values() if isinstance(v, list) for x in v if isinstance(x, str)]
     roots = [Path(p).expanduser().resolve() for p in (Path.cwd(), data_root(), *given)]
     for name in (e.filename, e.filename2):
-        path = Path(os.fsdecode(name)).expanduser().resolve() if name else None
-        if path is not None and not path.is_relative_to(own) and any(path.is_relative_to(r) for r in roots):
-            return True
+        if isinstance(name, (str, bytes, os.PathLike)) and name:
+            path = Path(os.fsdecode(name)).expanduser().resolve()
+            if not path.is_relative_to(own) and any(path.is_relative_to(r) for r in roots):
+                return True
     return False
 
 

@@ -275,6 +275,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise CnnlabError(f"recipe {path}: not valid TOML ({e})") from None
+    except RecursionError:  # tomllib reads nested arrays and tables recursively
+        raise CnnlabError(f"recipe {path}: arrays or tables nested too deeply to read") from None
     for item in overrides:
         apply_override(raw, item)
     return from_dict(raw, base_dir=path.parent)
@@ -286,7 +288,7 @@ def apply_override(raw: dict, item: str) -> None:
     key, text = (s.strip() for s in item.split("=", 1))
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = text  # a bare word is a string
     if "." in key:
         section, name = key.split(".", 1)

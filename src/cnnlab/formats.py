@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import pickle
 import tarfile
 import zlib
@@ -64,7 +65,7 @@ def parse_idx(data: bytes, path: Path) -> np.ndarray:
     if len(data) < header:
         raise CnnlabError(f"{path}: truncated header ({len(data)} bytes); expected {header}")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # exact: numpy's int64 product wraps (2^31 * 2^31 * 4 = 0)
     if len(data) != expected:
         raise CnnlabError(f"{path}: {len(data)} bytes but its header {dims} needs {expected}; "
                           f"the file is truncated or damaged: fetch it again with `cnnlab data get`")
@@ -107,19 +108,30 @@ class _BatchUnpickler(pickle.Unpickler):
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+               ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refused {module}.{name}")
         return super().find_class(module, name)
+
+
+def _latin1(text, encoding="utf-8", errors="strict") -> bytes:
+    """Protocol-2 pickles store bytes as ``_codecs.encode(text, "latin1")``; no other codec is allowed
+    (some are slow enough on crafted text to hang the reader)."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with {encoding!r}")
+    return text.encode("latin1", "strict")
 
 
 def unpickle(data: bytes, path: str) -> dict:
     try:
         obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:  # pickle raises many types for damaged input
-        raise CnnlabError(f"{path}: not a readable python-pickle batch ({type(e).__name__}); "
+        why = f": {' '.join(str(e).split())[:120]}" if isinstance(e, pickle.UnpicklingError) else ""
+        raise CnnlabError(f"{path}: not a readable python-pickle batch ({type(e).__name__}{why}); "
                           f"expected a CIFAR release file: fetch it again") from None
     if not isinstance(obj, dict):
         raise CnnlabError(f"{path}: holds a {type(obj).__name__}; expected a dict (CIFAR batch)")
@@ -130,12 +142,23 @@ def cifar_batch(obj: dict, path: str, label_key: bytes) -> tuple[np.ndarray, np.
     if b"data" not in obj or label_key not in obj:
         raise CnnlabError(f"{path}: keys {sorted(k.decode() if isinstance(k, bytes) else str(k) for k in obj)}; expected 'data' and "
                           f"'{label_key.decode()}' (CIFAR batch format)")
-    x = np.asarray(obj[b"data"])
-    y = np.asarray(obj[label_key], dtype=np.int64)
+    x, y = obj[b"data"], _labels(obj[label_key], path, label_key)
+    if not isinstance(x, np.ndarray):
+        raise CnnlabError(f"{path}: data is a {type(x).__name__}; expected a uint8 array [N, 3072] (CIFAR batch)")
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or x.shape[0] != len(y):
         raise CnnlabError(f"{path}: data has shape {list(x.shape)} ({x.dtype}) for {len(y)} labels; "
                           f"expected uint8 [N, 3072] (3x32x32 in CHW order) with N labels")
     return x.reshape(-1, 3, 32, 32), y
+
+
+def _labels(value, path: str, key: bytes) -> np.ndarray:
+    """A batch's labels as int64 [N]: a list (or array) of integers, nothing else."""
+    y = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if y is None or y.ndim != 1 or (y.size and y.dtype.kind not in "iu"):
+        raise CnnlabError(f"{path}: '{key.decode()}' is a {type(value).__name__} "
+                          f"{'' if y is None else 'of ' + str(y.dtype) + ' ' + str(list(y.shape))}; "
+                          f"expected a list of integer class labels (CIFAR batch format)")
+    return y.astype(np.int64)
 
 
 def read_cifar_files(info: DatasetInfo, files: dict[str, bytes], where: str):
@@ -159,8 +182,11 @@ def read_cifar_files(info: DatasetInfo, files: dict[str, bytes], where: str):
     classes = list(info.classes)
     if meta_name in files:
         meta = unpickle(files[meta_name], f"{where}/{meta_name}")
-        if meta_key in meta:
-            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[meta_key]]
+        names = meta.get(meta_key, classes)
+        if not isinstance(names, (list, tuple)) or not all(isinstance(c, (bytes, str)) for c in names):
+            raise CnnlabError(f"{where}/{meta_name}: '{meta_key.decode()}' is a {type(names).__name__}, not a list "
+                              f"of class names; expected the CIFAR meta file: fetch it again")
+        classes = [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in names]
     if not classes:
         raise CnnlabError(f"{where}: no '{meta_name}' file with class names; expected it beside the batches")
     return out, classes, verified
@@ -182,10 +208,23 @@ def cifar_files_from(path: Path, info: DatasetInfo) -> dict[str, bytes]:
     return {n: (folder / n).read_bytes() for n in wanted if (folder / n).is_file()}
 
 
+def read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 [C, H, W]: grey images keep one channel, any other mode becomes RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
+    except Exception as e:  # Pillow raises many types for damaged files (OSError, SyntaxError, DecompressionBombError...)
+        why = " ".join(str(e).split())[:160]
+        raise CnnlabError(f"{path}: cannot decode image ({type(e).__name__}: {why}); expected a valid image file") from None
+    arr = np.asarray(im)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
 def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """``root/<class>/*.png`` (single tree) or ``root/train/<class>/`` + ``root/test/<class>/``."""
-    from PIL import Image, UnidentifiedImageError
-
     if not root.is_dir():
         raise CnnlabError(f"{root}: not a directory; expected an image folder root/<class>/*.png")
     parts = {"train": root / "train", "test": root / "test"} if (root / "train").is_dir() else {"train": root}
@@ -201,14 +240,7 @@ def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
                     raise CnnlabError(f"{f}: not an image file; expected only "
                                       f"{', '.join(sorted(IMAGE_SUFFIXES))} files in class folders")
-                try:
-                    with Image.open(f) as im:
-                        im.load()
-                        arr = np.asarray(im.convert("L") if im.mode in ("L", "1", "P", "I;16") and
-                                         im.mode != "P" else im.convert("RGB"))
-                except (UnidentifiedImageError, OSError) as e:
-                    raise CnnlabError(f"{f}: cannot decode image ({e}); expected a valid image file") from None
-                arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+                arr = read_image(f)
                 if shape is None:
                     shape = arr.shape
                 if arr.shape != shape:

@@ -531,6 +531,8 @@ def _train(cfg, out, resume, overwrite, model, on_epoch, log) -> RunResult:
     if ckpt is not None:
         out, cfg = out.parent if out.is_file() else out, config_mod.from_dict(ckpt["config"])
         models.check_source(ckpt.get("model_source") or {}, log)  # warns if the model's .py file changed
+    elif resume:  # stopped (kill -9) before its first checkpoint: start again from its recipe
+        cfg = config_mod.load_recipe(out / "config.toml")
     elif out is not None:
         check_out_dir(out, overwrite)
     say = (lambda *a, **k: None) if cfg.train.quiet else log
@@ -569,9 +571,14 @@ def _train(cfg, out, resume, overwrite, model, on_epoch, log) -> RunResult:
     return finish(out, s, st, "target" if st.time_to_target_s is not None else "done")
 
 
-def open_resume(out: Path | None) -> dict:
+def open_resume(out: Path | None) -> dict | None:
+    """The checkpoint to resume from; None for a run stopped in its first epoch (its recipe recorded,
+    no epoch yet), which then starts again."""
     if out is None:
         raise CnnlabError("--resume needs the run directory to continue, e.g. --resume runs/mnist_tiny")
+    if out.is_dir() and (out / "config.toml").is_file() and not any((out / f).exists() for f in ("last.pt",
+                                                                                                 "metrics.jsonl")):
+        return None
     return runs.load_checkpoint(out, "last")
 
 
