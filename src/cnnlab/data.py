@@ -126,7 +126,7 @@ CIFAR_TRAIN = {"cifar10": [f"data_batch_{i}" for i in range(1, 6)], "cifar100": 
 CIFAR_TEST = {"cifar10": ["test_batch"], "cifar100": ["test"]}
 CIFAR_META = {"cifar10": ("batches.meta", b"label_names"), "cifar100": ("meta", b"fine_label_names")}
 CIFAR_LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 # ----------------------------------------------------------------------------- in-memory dataset
