@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -181,7 +182,6 @@ def test_predict_prints_a_table(mnist_run, mnist_images):
 
 
 def test_export_mnist_checks_ort_and_quantizes(mnist_onnx, mnist_run):
-    onnx = pytest.importorskip("onnx")
     path, stdout = mnist_onnx
     diff = float(re.search(r"largest logit difference (\S+)", stdout).group(1))
     assert diff <= 1e-4
@@ -278,7 +278,6 @@ def test_nothing_to_predict_exits_2(mnist_run, work):
 
 
 def test_foreign_onnx_needs_mean_std_size(mnist_onnx, mnist_images, work):
-    onnx = pytest.importorskip("onnx")
     model = onnx.load(str(mnist_onnx[0]))
     del model.metadata_props[:]
     foreign = work / "foreign.onnx"

@@ -19,6 +19,7 @@ whole evaluation split: accuracy of each, agreement of their predictions, file s
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 import tempfile
@@ -43,13 +44,15 @@ EVAL_BATCH = 500
 @contextlib.contextmanager
 def quiet_exporter():
     """Keep the exporter's and the quantizer's notes off the console (torchvision is not installed,
-    deprecations inside torch); errors still raise."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "root")]
+    deprecations inside torch, graphs it could not trace); errors still raise."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in ("torch", "onnxruntime", "onnxscript")]
+    loggers = [logging.getLogger(name) for name in names] + [logging.getLogger()]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # torch.export prints the graphs it failed on
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -80,9 +83,10 @@ def untranslatable(err: Exception, model: torch.nn.Module, x: torch.Tensor, batc
         err = err.__cause__ or err.__context__
     text = "\n".join(chain)
     node_name = re.search(r"Error when translating node %(\S+) :", text)
-    if node_name is None:  # failed before translating: tracing, decompositions
-        first = next((line for line in text.splitlines() if line.strip().startswith("<class")), chain[-1])
-        return f"model {name} cannot be exported to ONNX: {' '.join(first.split())[:300]}"
+    if node_name is None:  # failed before translating (tracing, decompositions): the exporter's summary line
+        first = re.search(r"<class '(?:[\w.]+\.)?(\w+)'>: (.*)", text)
+        why = f"{first.group(1)}: {first.group(2)}" if first else chain[-1].splitlines()[0]
+        return f"model {name} cannot be exported to ONNX: {' '.join(why.split())[:300]}"
     with quiet_exporter():
         graph = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False).graph
     node = next((n for n in graph.nodes if n.name == node_name.group(1)), None)
