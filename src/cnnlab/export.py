@@ -12,7 +12,7 @@ DequantizeLinear pairs that ONNX Runtime fuses into integer kernels, and that ot
 as well), int8 weights per output channel, uint8 activations whose ranges are calibrated (min/max)
 on training images. Grouped convolutions with more output than input channels (a depthwise conv
 with a depth multiplier) stay float32: ONNX Runtime has no fast integer kernel for them and ran
-cifar_dw56k ~10x slower with them quantized. The fp32 and int8 files are then compared on the
+cifar_dw56k 4-6x slower with them quantized. The fp32 and int8 files are then compared on the
 whole evaluation split: accuracy of each, agreement of their predictions, file sizes.
 """
 

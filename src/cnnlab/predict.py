@@ -194,8 +194,6 @@ def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     channels, height, width = shape
-    if channels not in (1, 3):
-        raise CnnlabError(f"the model takes {channels}-channel images; image files give 1 (grey) or 3 (RGB)")
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # photos taken sideways stand upright, as shown by viewers
