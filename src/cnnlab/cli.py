@@ -175,6 +175,70 @@ def cmd_bench(args) -> None:
     print(f"wrote {out}/bench.json and bench.md")
 
 
+def cmd_predict(args) -> int:
+    from cnnlab import predict
+
+    if args.top < 1:
+        raise CnnlabError(f"--top {args.top}: give how many classes to list per image, 1 or more")
+    if args.out:
+        predict.check_output(args.out)
+    clf = predict.load_classifier(args.model, checkpoint=args.checkpoint, tta=args.tta,
+                                  mean=parse_floats(args.mean, "--mean"), std=parse_floats(args.std, "--std"),
+                                  size=parse_size(args.size))
+    files, problems = predict.find_images(args.paths)
+    if not files:
+        raise CnnlabError(f"nothing to predict: {problems[0]}" + (f" (and {len(problems) - 1} more)" if problems[1:] else ""))
+    preds = predict.predict_files(clf, files, batch_size=args.batch_size, top=args.top)
+    failures = problems + preds.failures
+    if not preds.rows:
+        raise CnnlabError(f"none of the {len(files)} files is a readable image (first: {failures[0]})")
+    if args.out:
+        predict.write_predictions(args.out, preds, clf.source)
+        print(f"{len(preds.rows)} images predicted by {clf.source}: wrote {args.out}")
+    else:
+        print(predict.predictions_table(preds.rows))
+    for line in failures:
+        print(f"error: {line}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} of the inputs could not be predicted ({len(preds.rows)} were)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args) -> None:
+    from cnnlab import export
+
+    export.export_run(args.run, out=args.out, checkpoint=args.checkpoint, int8=args.int8)
+
+
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (flag == "--std" and min(values) <= 0):
+        raise CnnlabError(f"{flag} {text!r}: expected one number per channel, comma-separated, e.g. 0.1307 or "
+                          f"0.485,0.456,0.406{' (all > 0)' if flag == '--std' else ''}")
+    return values
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """--size: H,W or HxW, or one number for a square input."""
+    if text is None:
+        return None
+    try:
+        size = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise CnnlabError(f"--size {text!r}: expected the model's input height and width, e.g. 28 or 32x32")
+    return size
+
+
 def parse_shape(text: str) -> tuple[int, int, int]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -268,6 +332,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", metavar="RUN")
     c.add_argument("--out", default="compare.png", help="PNG to write (default compare.png)")
     c.set_defaults(func=cmd_compare)
+
+    pr = sub.add_parser("predict", help="classify image files with a run or an ONNX file")
+    pr.add_argument("model", help="run directory (e.g. runs/mnist_fast) or .onnx file (from cnnlab export)")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    pr.add_argument("--out", help="write the predictions to a .csv or .json file instead of the screen")
+    pr.add_argument("--top", type=int, default=1, help="classes to list per image (default 1)")
+    pr.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="average over each image and its mirror (default: as the run was evaluated)")
+    pr.add_argument("--checkpoint", choices=("best", "last"), default="best", help="a run's checkpoint (default best)")
+    pr.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    pr.add_argument("--mean", help="ONNX files not made by cnnlab: per-channel mean on the 0-1 scale, e.g. 0.5,0.5,0.5")
+    pr.add_argument("--std", help="ONNX files not made by cnnlab: per-channel std, e.g. 0.25,0.25,0.25")
+    pr.add_argument("--size", help="ONNX files not made by cnnlab: input height and width, e.g. 32 or 32x32")
+    pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a run's model to ONNX, checked in ONNX Runtime (optionally int8)")
+    ex.add_argument("run", help="run directory, e.g. runs/mnist_fast")
+    ex.add_argument("--format", choices=("onnx",), default="onnx", help="file format (onnx)")
+    ex.add_argument("--int8", action="store_true",
+                    help="also write an int8 file (static quantization calibrated on training images) and compare it")
+    ex.add_argument("--out", help="the .onnx file (default RUN/model.onnx; --int8 adds FILE.int8.onnx)")
+    ex.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

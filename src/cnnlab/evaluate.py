@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cnnlab import runs
 from cnnlab.augment import Loader, translate
-from cnnlab.data import Split, load_dataset
+from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.models import model_device
 from cnnlab.errors import CnnlabError
 
@@ -141,6 +141,31 @@ def run_device(ckpt: dict) -> torch.device:
     return torch.device("cuda")
 
 
+def run_tta(ckpt: dict, tta: bool | None) -> tuple[bool, int]:
+    """(mirror, shift) test-time augmentation for a run: ``None`` as the run evaluated itself (its
+    ``train.tta`` and ``train.tta_shift``); True: the mirror and the run's shift; False: none."""
+    run_train = ckpt["config"].get("train", {})
+    if tta is None:
+        return bool(run_train.get("tta", False)), int(run_train.get("tta_shift", 0))
+    return bool(tta), int(run_train.get("tta_shift", 0)) if tta else 0
+
+
+def run_dtype(ckpt: dict, model: torch.nn.Module) -> torch.dtype:
+    """The autocast dtype a run evaluates in: its ``train.dtype`` (float16, a GPU format, is float32 on a CPU)."""
+    dtype = DTYPES.get(ckpt["config"].get("train", {}).get("dtype", "float32"), torch.float32)
+    if dtype == torch.float16 and model_device(model).type == "cpu":
+        return torch.float32
+    return dtype
+
+
+def load_run_dataset(ckpt: dict, val_split: int) -> Dataset:
+    """The dataset a run trained on, from the cache, with its last ``val_split`` training images held out."""
+    cfg_data = ckpt["config"].get("data", {})
+    name = cfg_data.get("dataset") or ckpt["dataset"]["name"]  # an image folder's path, not just its folder name
+    return load_dataset(name, root=cfg_data.get("root") or None, val_split=val_split, acquire=False,
+                        log=lambda *a, **k: None)
+
+
 def load_eval_split(ckpt: dict, split: str | None = None) -> tuple[Split, str]:
     """The images a run is evaluated on: its test split, or ("val") the split held out by val_split.
 
@@ -156,9 +181,7 @@ def load_eval_split(ckpt: dict, split: str | None = None) -> tuple[Split, str]:
     if split == "val" and not val_split:
         raise CnnlabError(f"this run has no validation split (data.val_split = 0, it was evaluated on "
                           f"{info.get('eval_split', 'test')}); use --split test")
-    name = cfg_data.get("dataset") or info["name"]  # an image folder's path, not just its folder name
-    ds = load_dataset(name, root=cfg_data.get("root") or None,
-                      val_split=val_split if split == "val" else 0, acquire=False, log=lambda *a, **k: None)
+    ds = load_run_dataset(ckpt, val_split if split == "val" else 0)
     if ds.test is None:
         raise CnnlabError(f"{ds.name} has no test split; evaluate with --split val")
     if list(ds.shape) != list(info["shape"]) or list(ds.classes) != list(info["classes"]):
@@ -188,19 +211,13 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     ``tta=None`` evaluates as the run did (its ``train.tta``), so the numbers match its metrics."""
     run_dir = Path(run_dir)
     ckpt, model = load_run_model(run_dir, checkpoint)
-    run_train = ckpt["config"].get("train", {})
-    if tta is None:  # as the run evaluated itself
-        tta, tta_shift = bool(run_train.get("tta", False)), int(run_train.get("tta_shift", 0))
-    else:  # True: the mirror (and the run's shift, if it had one); False: no TTA at all
-        tta_shift = int(run_train.get("tta_shift", 0)) if tta else 0
+    tta, tta_shift = run_tta(ckpt, tta)
     images, split_name = load_eval_split(ckpt, split)
     info = ckpt["dataset"]
     classes = list(info["classes"])
     batch = int(ckpt["config"].get("data", {}).get("eval_batch_size", 1000) or 1000)
     loader = Loader(images.images, images.labels, batch, info["mean"], info["std"], device=model_device(model))
-    dtype = DTYPES.get(run_train.get("dtype", "float32"), torch.float32)
-    if dtype == torch.float16 and model_device(model).type == "cpu":  # fp16 is a GPU format: float32 here
-        dtype = torch.float32
+    dtype = run_dtype(ckpt, model)
     try:
         logits, labels = predict(model, loader, tta=tta, dtype=dtype, tta_shift=tta_shift)
     except RuntimeError as e:

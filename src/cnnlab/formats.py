@@ -23,7 +23,7 @@ from cnnlab.datasets import (CIFAR_LABEL_KEY, CIFAR_META, CIFAR_TEST, CIFAR_TRAI
                              DatasetInfo, Split)
 from cnnlab.errors import CnnlabError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 def md5_bytes(data: bytes) -> str:
