@@ -158,7 +158,7 @@ def test_bn_settings_and_dropout_come_from_the_model_table():
 ])
 def test_bad_layers_are_one_line_errors_at_the_cli(tmp_path, capsys, layers, needles):
     recipe = tmp_path / "bad.toml"
-    recipe.write_text(f'[model]\nname = "mine"\nlayers = {config._toml_value(layers)}\n')
+    recipe.write_text(f'[model]\nname = "mine"\nlayers = {config.toml_value(layers, "model.layers")}\n')
     rc, out, err = run_cli(capsys, "summary", recipe)
     assert_one_line_error(rc, err, *needles)
     assert out == ""
