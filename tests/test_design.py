@@ -50,8 +50,15 @@ def test_design_counts_like_its_zoo_twin(recipe, zoo):
     assert "layers" in cfg.model.options and cfg.model.name not in models.MODELS
 
 
-def test_every_recipe_in_designs_has_a_twin():
-    assert {p.stem for p in DESIGNS.glob("*.toml")} == set(TWINS)
+def test_every_recipe_in_designs_is_checked():
+    assert {p.stem for p in DESIGNS.glob("*.toml")} == set(TWINS) | {"mnist_res7k"}
+
+
+def test_the_readme_example_is_under_8k_parameters():
+    cfg = load_recipe(DESIGNS / "mnist_res7k.toml")
+    _, s = recipe_model(cfg)
+    assert (s.total_params, s.trainable_params, s.receptive_field, s.macs) == (7_840, 7_664, 36, 1_051_032)
+    assert cfg.model.max_params == 8000
 
 
 def test_design_trains_a_step_and_splits_features_and_head():
@@ -135,7 +142,13 @@ def test_bn_settings_and_dropout_come_from_the_model_table():
     (["conv"], ["layer 1 'conv'", "missing the channels", "'conv 32 k3 p1'"]),
     (["conv 16 q3"], ["layer 1 'conv 16 q3'", "unexpected 'q3'", "kN (kernel)", "bias, plain"]),
     (["conv 16 k3 k5"], ["unexpected 'k5'"]),
-    (["conv 16.5"], ["whole number >= 1"]),
+    (["conv 16.5"], ["whole number from 1 to 65536"]),
+    (["conv 1e9"], ["whole number from 1 to 65536"]),
+    (["dropout 1e400"], ["[0, 1)"]),
+    (["conv 8 p3"], ["padding p3 reaches past the kernel (at most p2; 'same' is p1)"]),
+    (["conv 64 p1", "flatten", "linear 65536"], ["layer 3 'linear 65536': would hold 3,288,334,336 weights"]),
+    (["conv 16 k0"], ["layer 1 'conv 16 k0': the kernel must be >= 1"]),
+    (["maxpool 2 s0"], ["the stride must be >= 1"]),
     (["maxpool 2 k3"], ["unexpected 'k3'", "sN (stride), pN (padding), ceil"]),
     (["dropout 1.5"], ["layer 1 'dropout 1.5'", "[0, 1)"]),
     (["relu 3"], ["unexpected '3'", "relu takes nothing more"]),
@@ -158,7 +171,7 @@ def test_bn_settings_and_dropout_come_from_the_model_table():
 ])
 def test_bad_layers_are_one_line_errors_at_the_cli(tmp_path, capsys, layers, needles):
     recipe = tmp_path / "bad.toml"
-    recipe.write_text(f'[model]\nname = "mine"\nlayers = {config.toml_value(layers, "model.layers")}\n')
+    recipe.write_text(f'[model]\nname = "mine"\nlayers = {config.toml_value(layers, "layers")}\n')
     rc, out, err = run_cli(capsys, "summary", recipe)
     assert_one_line_error(rc, err, *needles)
     assert out == ""
@@ -198,3 +211,46 @@ def test_layers_without_a_name_get_the_label_design(tmp_path):
     assert cfg.model.name == "design" and cfg.model.options == {"layers": ["conv 8", "gap", "linear classes"]}
     assert config.from_dict(config.to_dict(cfg)) == cfg  # round trip through a run's config.toml
     assert set(WORDS) >= {"conv", "dw", "sep", "trans", "res", "s2d", "crop", "gap", "linear"}
+
+
+def test_throughput_of_a_design_recipe():
+    from cnnlab import bench
+
+    cfg = load_recipe(DESIGNS / "mnist_8k.toml")
+    rows = bench.throughput([cfg], batch_size=8, steps=1, settings=(("float32", False),), log=lambda *a: None)
+    assert [(r["model"], r["batch_size"]) for r in rows] == [("8k_layers", 8)]
+    assert rows[0]["macs_per_image"] == summarize("mnist_8k").macs and rows[0]["images_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------- any input: a net or one line
+
+
+def _layer_lists():
+    from hypothesis import strategies as st
+
+    token = st.one_of(st.integers(0, 40).map(str), st.sampled_from(
+        ["classes", "0.5", "1e-3", "1e99", "bias", "plain", "ceil", "nobias", "k0", "s0", "d0", "p9", "x"]),
+        st.tuples(st.sampled_from("kpsdg"), st.integers(0, 9)).map(lambda t: f"{t[0]}{t[1]}"), st.text(max_size=4))
+    entry = st.tuples(st.sampled_from(sorted(WORDS) + ["zzz"]), st.lists(token, max_size=4)).map(
+        lambda t: " ".join([t[0], *t[1]]))
+    layers = st.recursive(entry, lambda inner: st.lists(inner, max_size=4).map(lambda items: ["res", *items]),
+                          max_leaves=8)
+    return st.lists(layers, max_size=8)
+
+
+def test_any_layer_list_builds_a_net_that_runs_or_is_one_line_error():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(_layer_lists(), st.sampled_from([(1, 28, 28), (3, 32, 32), (1, 4, 4)]))
+    def check(layers, shape):
+        try:
+            net = build_design(layers, 10, shape)
+        except CnnlabError as e:
+            assert "\n" not in str(e) and str(e).startswith(("layer ", "[model]"))
+            return
+        with torch.no_grad():
+            assert net.eval()(torch.zeros(2, *shape)).shape[0] == 2
+
+    check()

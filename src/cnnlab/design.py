@@ -175,7 +175,7 @@ def parse(entry, index: str) -> Layer:
 
 
 def _read_token(layer: Layer, spec: Word, token: str) -> None:
-    setting = re.fullmatch(r"([a-z])(\d+)", token)
+    setting = re.fullmatch(r"([a-z])([0-9]{1,5})", token)
     if spec.arg and layer.value is None and (_is_number(token) or (token == "classes" and spec.arg == "channels")):
         layer.value = token if token == "classes" else float(token)
     elif setting and setting.group(1) in spec.settings and setting.group(1) not in layer.settings:
@@ -187,7 +187,7 @@ def _read_token(layer: Layer, spec: Word, token: str) -> None:
 
 
 def _is_number(token: str) -> bool:
-    return re.fullmatch(r"\d+(\.\d*)?([eE][-+]?\d+)?|\.\d+", token) is not None
+    return re.fullmatch(r"[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]{1,3})?|\.[0-9]+", token) is not None
 
 
 def _takes(spec: Word) -> str:
@@ -199,11 +199,16 @@ def _takes(spec: Word) -> str:
 # ----------------------------------------------------------------------------- numbers and shapes
 
 
+MAX_COUNT = 65536  # channels, kernels and sizes above this are a typo, not a network
+MAX_WEIGHTS = 2 ** 28  # one layer's weights (1 GiB of float32): more is a typo too
+
+
 def _count(layer: Layer, opts: Options) -> int:
     """The whole number a layer was given (channels, kernel, size), 'classes' resolved."""
     v = opts.num_classes if layer.value == "classes" else layer.value
-    if v is None or v != int(v) or v < 1:
-        raise layer.fail(f"the {WORDS[layer.word].arg} must be a whole number >= 1, e.g. '{WORDS[layer.word].example}'")
+    if v is None or not 1 <= v <= MAX_COUNT or v != int(v):
+        raise layer.fail(f"the {WORDS[layer.word].arg} must be a whole number from 1 to {MAX_COUNT}, e.g. "
+                         f"'{WORDS[layer.word].example}'")
     return int(v)
 
 
@@ -226,9 +231,11 @@ def _out_size(size: int, k: int, s: int, p: int, d: int = 1, ceil: bool = False)
 def _spatial(layer: Layer, shape: tuple, k: int, s: int, p: int, d: int = 1, ceil: bool = False) -> tuple[int, int]:
     """(H, W) after a kxk window; a map that would vanish is an error naming the layer."""
     c, h, w = _map(layer, shape)
-    for name, v in (("stride", s), ("dilation", d)):
+    for name, v in (("kernel", k), ("stride", s), ("dilation", d)):
         if v < 1:
-            raise layer.fail(f"{name} must be >= 1")
+            raise layer.fail(f"the {name} must be >= 1")
+    if p > d * (k - 1):
+        raise layer.fail(f"padding p{p} reaches past the kernel (at most p{d * (k - 1)}; 'same' is p{d * (k // 2)})")
     oh, ow = _out_size(h, k, s, p, d, ceil), _out_size(w, k, s, p, d, ceil)
     if oh < 1 or ow < 1:
         raise layer.fail(f"gets {h}x{w} and would output {max(oh, 0)}x{max(ow, 0)}; pad it (p{d * (k // 2)}), "
@@ -256,9 +263,15 @@ def _dw(layer: Layer, shape: tuple, opts: Options):
     return _conv_block(layer, shape, opts, c_out, groups=c_in)
 
 
+def _check_weights(layer: Layer, n: int) -> None:
+    if n > MAX_WEIGHTS:
+        raise layer.fail(f"would hold {n:,} weights in one layer; use fewer channels")
+
+
 def _conv_block(layer: Layer, shape: tuple, opts: Options, c_out: int, groups: int):
     k, s, p, d = layer.get("k", 3), layer.get("s", 1), layer.get("p", 0), layer.get("d", 1)
     h, w = _spatial(layer, shape, k, s, p, d)
+    _check_weights(layer, shape[0] // groups * c_out * k * k)
     bias = "bias" in layer.switches
     if "plain" in layer.switches:
         module = nn.Conv2d(shape[0], c_out, k, stride=s, padding=p, dilation=d, groups=groups, bias=bias)
@@ -272,6 +285,7 @@ def _sep(layer: Layer, shape: tuple, opts: Options):
     c_out = _count(layer, opts)
     k, s, p, d = layer.get("k", 3), layer.get("s", 1), layer.get("p", 0), layer.get("d", 1)
     h, w = _spatial(layer, shape, k, s, p, d)
+    _check_weights(layer, shape[0] * (k * k + c_out))
     conv = SeparableConv2d(shape[0], c_out, k, padding=p, stride=s, dilation=d, bias="bias" in layer.switches)
     if "plain" in layer.switches:
         return [conv], (c_out, h, w)
@@ -282,6 +296,7 @@ def _sep(layer: Layer, shape: tuple, opts: Options):
 def _trans(layer: Layer, shape: tuple, opts: Options):
     c_in, h, w = _map(layer, shape)
     c_out = _count(layer, opts)
+    _check_weights(layer, c_in * c_out)
     return [conv_bn(c_in, c_out, k=1, padding=0, bias="bias" in layer.switches, bn_momentum=opts.bn_momentum,
                     bn_eps=opts.bn_eps)], (c_out, h, w)
 
@@ -319,6 +334,7 @@ def _linear(layer: Layer, shape: tuple, opts: Options):
         if shape[1:] != (1, 1):
             raise layer.fail(f"gets a {'x'.join(map(str, shape))} map; put 'flatten' or 'gap' before it")
         flatten = [nn.Flatten()]
+    _check_weights(layer, _numel(shape) * n)
     return [*flatten, nn.Linear(_numel(shape), n, bias="nobias" not in layer.switches)], (n,)
 
 

@@ -22,7 +22,7 @@ module (training, checkpoints, summary, bench and the LR finder all use it):
 * ``[model] layers = [...]``: a design in the layer notation (``cnnlab.design``); ``name`` is a label.
 * ``name = "path/to/file.py:function"`` or ``"package.module:function"``: your own code, called as
   ``function(num_classes=..., **other [model] keys)``; ``source(name)`` is what a checkpoint keeps
-  (the file and its sha256) so a fresh process rebuilds it, and warns if the file changed.
+  (the file and its sha256) so a fresh process rebuilds it and notices a changed file.
 * any other ``name``: the zoo below, ``create_model(name, num_classes, **options)``. Each zoo
   model is a ``layers.Net`` built from the factories in ``layers``; its constructor checks its own
   options. Parameter budgets (``ModelSpec.budget``) bound ``sum(p.numel() for p in
@@ -155,25 +155,16 @@ def start_epoch(model: nn.Module, epoch: int) -> None:
 # --------------------------------------------------------------------------- the one entry point
 
 
-def build(name: str, options: dict, num_classes: int, input_shape: tuple, source: dict | None = None,
-          log: Callable[[str], None] | None = None) -> nn.Module:
+def build(name: str, options: dict, num_classes: int, input_shape: tuple) -> nn.Module:
     """The module a ``[model]`` table describes (``name`` plus its other keys as ``options``), for
-    ``num_classes`` classes and images of ``input_shape`` (C, H, W). ``source``: a checkpoint's
-    record of a Python file (see ``source``), checked against the file as it is now; a change is
-    reported through ``log`` (default: a warning line on stderr)."""
+    ``num_classes`` classes and images of ``input_shape`` (C, H, W)."""
     _check_num_classes(num_classes)
     options = dict(options)
     if "layers" in options:
         return _build_design(name, options, num_classes, input_shape)
     if is_reference(name):
-        if source is not None:
-            check_source(source, log or _warn)
         return _call_reference(name, options, num_classes)
     return create_model(name, num_classes, **options)
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 DESIGN_KEYS = [k for k in inspect.signature(build_design).parameters if k not in ("num_classes", "input_shape")]
@@ -299,15 +290,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_source(record: dict, log: Callable[[str], None]) -> None:
-    """Report (through ``log``) when the file a checkpoint was built from has changed since."""
-    path = record.get("path")
+def source_changed(record: dict | None) -> str | None:
+    """How the file a checkpoint's model was built from (its ``source`` record) differs now, or None."""
+    path = (record or {}).get("path")
     if not path or not record.get("sha256") or not Path(path).is_file():
-        return  # building it will say what is missing
+        return None  # a zoo model or a design; a missing file is reported when the model is built
     now = _sha256(Path(path))
-    if now != record["sha256"]:
-        log(f"warning: {path} changed since the checkpoint was saved (sha256 {record['sha256'][:12]} -> {now[:12]}); "
-            f"the model is rebuilt from the file as it is now")
+    if now == record["sha256"]:
+        return None
+    return f"{path} changed since the checkpoint was saved (sha256 {record['sha256'][:12]} -> {now[:12]})"
 
 
 # --------------------------------------------------------------------------- zoo option checks
@@ -497,7 +488,8 @@ def resnet9(num_classes: int = 10, width: float = 1.0, dropout: float = 0.1, poo
     _check_probability("resnet9", "dropout", dropout)
     _check_pool("resnet9", pool)
     _check_positive("resnet9", "scale", scale)
-    if isinstance(bn_momentum_keras, bool) or not isinstance(bn_momentum_keras, (int, float)) or not 0 <= bn_momentum_keras < 1:
+    m = bn_momentum_keras
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
         raise CnnlabError("bn_momentum_keras must be in [0, 1) (Keras convention: moving = m*moving + (1-m)*batch)")
     c = {k: _w(v, width) for k, v in dict(prep=64, l1=128, l2=256, l3=512).items()}
 
@@ -625,8 +617,9 @@ def airbench94(num_classes: int = 10, scale: float = 1 / 9, whiten_bias_epochs: 
     ``whiten_bias_epochs`` epochs), GELU, conv groups 64/256/256 (conv-MaxPool-BN-GELU-conv-BN-GELU,
     31 -> 15 -> 7 -> 3), global max pool, Linear(256, classes, bias=False), times ``scale``."""
     _check_positive("airbench94", "scale", scale)
-    if not (isinstance(whiten_bias_epochs, int) and not isinstance(whiten_bias_epochs, bool) and whiten_bias_epochs >= 0):
-        raise CnnlabError(f"whiten_bias_epochs={whiten_bias_epochs!r} for 'airbench94' must be a whole number of epochs >= 0")
+    n = whiten_bias_epochs
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        raise CnnlabError(f"whiten_bias_epochs={n!r} for 'airbench94' must be a whole number of epochs >= 0")
     whiten = nn.Conv2d(3, 24, 2, padding=0, bias=True)
     whiten.weight.requires_grad_(False)
     features = nn.Sequential(whiten, nn.GELU(), _air_group(24, 64), _air_group(64, 256), _air_group(256, 256))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from cnnlab.atomic import atomic_torch_save, atomic_write_bytes
 from cnnlab.errors import CnnlabError
-from cnnlab.models import build
+from cnnlab.models import build, source_changed
 
 
 def existing_run(run_dir) -> Path:
@@ -137,20 +138,28 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> torch.nn.Module:
     """Rebuild the model a checkpoint describes and load its weights (the EMA weights if present)."""
-    model = build(ckpt["model_name"], ckpt["model_options"], ckpt["num_classes"], tuple(ckpt["dataset"]["shape"]),
-                  source=ckpt.get("model_source"))
+    model = build(ckpt["model_name"], ckpt["model_options"], ckpt["num_classes"], tuple(ckpt["dataset"]["shape"]))
     state = ckpt["ema_state_dict"] if use_ema and ckpt.get("ema_state_dict") else ckpt["state_dict"]
-    load_weights(model, state, ckpt["model_name"])
+    load_weights(model, state, ckpt["model_name"], source_changed(ckpt.get("model_source")))
     return model
 
 
-def load_weights(model: torch.nn.Module, state: dict, name: str) -> None:
-    """``model.load_state_dict(state)`` with a one-line error when the weights do not fit."""
+def load_weights(model: torch.nn.Module, state: dict, name: str, changed: str | None = None) -> None:
+    """``model.load_state_dict(state)`` with a one-line error when the weights do not fit. ``changed``:
+    how the model's Python file differs from the one the weights were trained with (a warning on
+    stderr if they still fit, part of the error if not)."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CnnlabError(f"checkpoint weights do not fit model {name} ({str(e).splitlines()[0].rstrip(':. ')}); "
+        detail = str(e).splitlines()[0].rstrip(':. ')
+        if changed:
+            raise CnnlabError(f"{changed} and the checkpoint's weights no longer fit it ({detail}); restore the "
+                              f"file the run was trained with, or train again") from None
+        raise CnnlabError(f"checkpoint weights do not fit model {name} ({detail}); "
                           f"the checkpoint is from another model, or from an older cnnlab's version of it") from None
+    if changed:
+        print(f"warning: {changed}; its weights still fit, so the model is rebuilt from the file as it is now",
+              file=sys.stderr)
 
 
 def _git(*args: str) -> str | None:

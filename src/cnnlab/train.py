@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab import config as config_mod
-from cnnlab import runs
+from cnnlab import models, runs
 from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
 from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, predict
-from cnnlab import models
 from cnnlab.schedules import lr_at
 from cnnlab.summary import check_budget, check_model
 
