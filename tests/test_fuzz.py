@@ -299,7 +299,8 @@ def test_an_image_too_large_to_decode_is_one_line(tmp_path, writers):
 
 
 TOKENS = st.one_of(st.integers(0, 40).map(str), st.tuples(st.sampled_from("kpsdg"), st.integers(1, 9)).map(lambda t: f"{t[0]}{t[1]}"),
-                   st.sampled_from(["classes", "0.5", "1e-3", "bias", "plain", "ceil", "nobias", "-1", "p0", ""]),
+                   st.sampled_from(["classes", "0.5", "1e-3", "bias", "plain", "ceil", "nobias", "-1", "p0", "k0", "",
+                                    "70000", "1e12"]),
                    st.text(max_size=4))
 ENTRIES = st.tuples(st.sampled_from([*design.WORDS, "zzz"]), st.lists(TOKENS, max_size=4)).map(
     lambda t: " ".join([t[0], *t[1]]))
@@ -311,9 +312,9 @@ LAYER_LISTS = st.lists(st.recursive(ENTRIES, lambda inner: st.lists(inner, max_s
 @given(layers=st.one_of(LAYER_LISTS, TOML_VALUES), shape=st.sampled_from([(1, 28, 28), (3, 32, 32), (1, 4, 4)]),
        dropout=st.one_of(st.floats(0, 0.9), st.just(1.5)))
 def test_layer_notation(layers, shape, dropout):
-    """Layer lists (words with numbers of up to 40 channels, settings, switches, junk, nested
-    residual blocks): a network that runs on an image of ``shape``, or one line naming the layer.
-    (Sizes are kept small: a design of 10^12 channels is a separate finding, see the closing note.)"""
+    """Layer lists (words with numbers up to 40 and a few far too large, settings, switches, junk,
+    nested residual blocks): a network that runs on an image of ``shape``, or one line naming the
+    layer (never an allocation error: sizes past design.MAX_COUNT are refused before building)."""
     def build_and_run():
         net = design.build_design(layers, 10, shape, dropout=dropout)
         with torch.no_grad():

@@ -362,7 +362,8 @@ def checkpoint(s: Setup, st: RunState) -> dict:
 
 def restore(s: Setup, ckpt: dict, out: Path, log) -> RunState:
     """Load a checkpoint's weights, optimizer, EMA, scaler and RNG states into ``s``; its RunState."""
-    runs.load_weights(s.model, ckpt["state_dict"], s.cfg.model.name)
+    # a model built from a user's .py file: warns if the file changed, one line if the weights no longer fit
+    runs.load_weights(s.model, ckpt["state_dict"], s.cfg.model.name, models.source_changed(ckpt.get("model_source")))
     if len(ckpt["optimizer"]["param_groups"]) != len(s.optimizer.param_groups):
         raise CnnlabError(f"{out}/last.pt holds optimizer state for {len(ckpt['optimizer']['param_groups'])} "
                           f"parameter groups, this cnnlab makes {len(s.optimizer.param_groups)} (an older version "
@@ -530,7 +531,6 @@ def _train(cfg, out, resume, overwrite, model, on_epoch, log) -> RunResult:
     ckpt = open_resume(out) if resume else None
     if ckpt is not None:
         out, cfg = out.parent if out.is_file() else out, config_mod.from_dict(ckpt["config"])
-        models.check_source(ckpt.get("model_source") or {}, log)  # warns if the model's .py file changed
     elif resume:  # stopped (kill -9) before its first checkpoint: start again from its recipe
         cfg = config_mod.load_recipe(out / "config.toml")
     elif out is not None:
