@@ -18,7 +18,7 @@ from test_train import assert_one_line_error, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 DESIGNS = ROOT / "recipes" / "designs"
 TWINS = {"mnist_tiny": "mnist_tiny", "mnist_8k": "mnist_8k", "cifar_sep92k": "cifar_sep92k",
-         "cifar_dw56k": "cifar_dw56k", "resnet9": "resnet9"}
+         "cifar_dw56k": "cifar_dw56k", "resnet9": "resnet9", "resnet_custom": "resnet_custom"}
 
 
 def design(layers, shape=(1, 28, 28), num_classes=10, **options):
