@@ -516,6 +516,7 @@ def run_trial(trial, spec: SearchSpec, out: Path, shape_classes: tuple):
     optuna = optuna_module()
     params = {d.key: suggest(trial, d) for d in spec.space}
     cfg = trial_config(spec, params)
+    cfg.train.quiet = True  # no per-epoch table or bar: the search prints a line per trial
     n_params, macs = measure(cfg, shape_classes)
     trial.set_user_attr("params", n_params)
     trial.set_user_attr("macs", macs)
@@ -656,12 +657,21 @@ def run_worker(spec: SearchSpec, storage, study_name: str, out: Path, trials: in
                               pruner=make_pruner(spec))
     shape_classes = input_of(trial_config(spec, {d.key: d.corners()[0] for d in spec.space}))
     rejected_in_a_row = [0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trial is not "running" any more
+    left = remaining(study, trials)
+    if left <= 0:
+        return
+    bar = trials_bar(trials, trials - left, enabled=not prefix)
 
     def after_trial(study, frozen) -> None:
         records = snapshot(study, spec, out)["trials"]
         done = trained(records)
         r = next(x for x in records if x["number"] == frozen.number)
-        log(prefix + trial_line(r, done, trials))
+        (bar.write if bar else log)(prefix + trial_line(r, done, trials))
+        if bar:
+            bar.update(done - bar.n)
         rejected_in_a_row[0] = rejected_in_a_row[0] + 1 if r["state"] == "rejected" else 0
         if rejected_in_a_row[0] >= MAX_REJECTED_IN_A_ROW:
             log(f"{prefix}stopping: {MAX_REJECTED_IN_A_ROW} designs in a row were over budget; shrink the space")
@@ -669,13 +679,21 @@ def run_worker(spec: SearchSpec, storage, study_name: str, out: Path, trials: in
         if done + counts(records)["running"] >= trials:
             study.stop()
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # a killed worker's trial is not "running" any more
-    if remaining(study, trials) <= 0:
-        return
-    study.optimize(lambda t: run_trial(t, spec, out, shape_classes), timeout=timeout, callbacks=[after_trial],
-                   catch=(TrialDiverged,), gc_after_trial=False)
+    try:
+        study.optimize(lambda t: run_trial(t, spec, out, shape_classes), timeout=timeout, callbacks=[after_trial],
+                       catch=(TrialDiverged,), gc_after_trial=False)
+    finally:
+        if bar:
+            bar.close()
+
+
+def trials_bar(trials: int, done: int, enabled: bool):
+    """An overall bar of trained trials on a terminal (one worker; none in CI or a log file)."""
+    if not enabled or not sys.stderr.isatty() or os.environ.get("CI"):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=trials, initial=done, desc="trials", unit="trial", dynamic_ncols=True)
 
 
 def remaining(study, trials: int) -> int:
