@@ -178,6 +178,44 @@ def search_report_pictures() -> tuple[str, ...]:
     return PICTURES
 
 
+def test_two_objectives_pareto_and_diverged_designs(tmp_path):
+    """val_acc + params (a Pareto study, no pruner); a learning rate that blows up marks its trial
+    diverged (the sampler learns from it) and the search goes on."""
+    path = write_search(tmp_path / "mo.toml", 'objective = ["val_acc", "params"]\nsampler = "random"\nseed = 0\n'
+                        'epochs = 1\ntrials = 6\ntarget = 0.2', '"optim.lr" = {choice = [0.1, 3000.0]}\n'
+                        '"model.width" = {choice = [0.5, 0.75]}')
+    out = tmp_path / "out"
+    lines = []
+    data = search.run_search(path, out=out, log=lines.append)
+    recs = data["trials"]
+    assert {r["state"] for r in recs} == {"complete", "diverged"}, [r["state"] for r in recs]
+    for r in recs:
+        result = json.loads((out / r["attrs"]["run"] / "result.json").read_text())
+        if r["state"] == "diverged":
+            assert r["params"]["optim.lr"] == 3000.0 and result["status"] == "diverged"
+        else:
+            assert r["values"] == [result["final_val_acc"], r["attrs"]["params"]]  # the two objectives
+    done = [r for r in recs if r["state"] == "complete"]
+    reached = [r for r in done if r["val_acc"] >= 0.2]
+    best = min(reached, key=lambda r: r["attrs"]["params"]) if reached else max(done, key=lambda r: r["val_acc"])
+    assert data["best"] == best["number"]
+    assert any("diverged: loss became" in line or "diverged: evaluation loss" in line for line in lines)
+
+
+def test_best_record_and_pareto_front():
+    from cnnlab.search_report import pareto_front
+
+    def rec(n, acc, params, state="complete"):
+        return {"number": n, "state": state, "val_acc": acc, "attrs": {"params": params}}
+
+    recs = [rec(0, 0.990, 7000), rec(1, 0.995, 7900), rec(2, 0.994, 5000), rec(3, 0.980, 3000),
+            rec(4, 0.999, 100, "pruned"), rec(5, 0.970, 4000)]
+    assert search.best_record(recs, None)["number"] == 1  # the most accurate finished trial
+    assert search.best_record(recs, 0.994)["number"] == 2  # the fewest params reaching the target
+    assert search.best_record(recs, 0.9999)["number"] == 1  # none reaches it: the most accurate
+    assert [r["number"] for r in pareto_front(recs)] == [3, 2, 1]
+
+
 # ----------------------------------------------------------------------------- the search file
 
 

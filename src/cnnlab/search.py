@@ -121,6 +121,9 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     if unknown:
         raise CnnlabError(f"{path}: unknown table or key {unknown[0]!r}; a search file has recipe = \"PATH\", "
                           f"recipe tables ({', '.join(config.SECTION_TYPES)}), [search] and [space]")
+    for table in ("search", "space"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise CnnlabError(f"{path}: '{table}' must be a table [{table}]")
     recipe = base_recipe(path, raw)
     opts = raw.get("search", {})
     bad = sorted(set(opts) - set(SEARCH_KEYS))
@@ -145,11 +148,12 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         target=parse_target(opts.get("target")), pruner=parse_pruner(opts.get("pruner"), objectives),
         sampler=parse_choice("sampler", opts.get("sampler", "tpe"), SAMPLERS),
         seed=_positive_int("seed", opts["seed"], 0) if "seed" in opts else None,
-        trials=_positive_int("trials", opts.get("trials", 20)), heartbeat=_positive_int("heartbeat", opts.get("heartbeat", 30)))
+        trials=_positive_int("trials", opts.get("trials", 20)),
+        heartbeat=_positive_int("heartbeat", opts.get("heartbeat", 30)))
     model_budget = recipe.get("model", {}).get("max_params")  # the design notation's own budget key
     if isinstance(model_budget, int) and (spec.max_params is None or model_budget < spec.max_params):
         spec.max_params = model_budget
-    check_spec(spec, overrides)
+    check_spec(spec)
     return spec
 
 
@@ -247,7 +251,8 @@ def parse_dim(key: str, value) -> Dim:
         choices = value["choice"]
         if not isinstance(choices, list) or not choices:
             raise CnnlabError(f"{where}: the choice is empty; list at least one value, e.g. {{choice = [64, 128]}}")
-        if not all(isinstance(c, (str, int, float, bool)) for c in choices) or len(set(map(repr, choices))) != len(choices):
+        plain = all(isinstance(c, (str, int, float, bool)) for c in choices)
+        if not plain or len(set(map(repr, choices))) != len(choices):
             raise CnnlabError(f"{where}: choices must be distinct numbers, strings or booleans (for other values "
                               f"use placeholders in recipe strings)")
         return Dim(key, kind, choices=choices)
@@ -346,7 +351,7 @@ def fmt_params(params: dict) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def check_spec(spec: SearchSpec, overrides: list[str]) -> None:
+def check_spec(spec: SearchSpec) -> None:
     """The space against the recipe: every placeholder defined and used, validation split set, every
     corner of the space a valid recipe and model, and some design within the budget."""
     used, defined = placeholders(spec.recipe), {d.key for d in spec.space if "." not in d.key}
@@ -377,20 +382,19 @@ def check_spec(spec: SearchSpec, overrides: list[str]) -> None:
 def check_budget(spec: SearchSpec, shape_classes: tuple) -> None:
     """Refuse a budget no design in the space meets, naming the smallest design found (the model
     keys at each end of their ranges and every choice, up to ``MAX_CORNERS`` designs)."""
-    model_keys = {f"model.{k}" for k in spec.recipe.get("model", {})} | placeholders(spec.recipe.get("model", {}))
-    dims = [d for d in spec.space if d.key in model_keys or d.key.startswith("model.")]
+    in_model = placeholders(spec.recipe.get("model", {}))
+    dims = [d for d in spec.space if d.key.startswith("model.") or d.key in in_model]
     base = {d.key: d.corners()[0] for d in spec.space}
     sizes = []
     for values in islice(product(*(d.corners() for d in dims)), MAX_CORNERS):
-        corner = {**base, **dict(zip((d.key for d in dims), values))}
-        sizes.append((*measure(trial_config(spec, corner), shape_classes), corner))
-    params, macs, corner = min(sizes, key=lambda s: (s[0], s[1]))
-    if over_budget(spec, params, macs):
-        budget = ", ".join(f"{k} {v:,}" for k, v in (("max_params", spec.max_params), ("max_macs", spec.max_macs)) if v)
-        raise CnnlabError(f"no design in the space meets the budget ({budget}): the smallest has {params:,} params and "
-                          f"{macs:,} MACs "
-                          f"({fmt_params({k: corner[k] for k in (d.key for d in dims)}) or 'the base recipe'}); "
-                          f"raise the budget or shrink the space")
+        design = dict(zip((d.key for d in dims), values))
+        sizes.append((*measure(trial_config(spec, {**base, **design}), shape_classes), design))
+    if any(not over_budget(spec, params, macs) for params, macs, _ in sizes):
+        return
+    params, macs, design = min(sizes, key=lambda s: (s[0], s[1]))
+    budget = ", ".join(f"{k} {v:,}" for k, v in (("max_params", spec.max_params), ("max_macs", spec.max_macs)) if v)
+    raise CnnlabError(f"no design in the space meets the budget ({budget}): the smallest has {params:,} params and "
+                      f"{macs:,} MACs ({fmt_params(design) or 'the base recipe'}); raise the budget or shrink the space")
 
 
 # ----------------------------------------------------------------------------- storage and study
@@ -423,6 +427,8 @@ def open_storage(url: str, heartbeat: int, log=print):
     """Optuna's RDB storage with heartbeats: a trial whose worker died (kill -9) is marked FAIL by the
     next worker that starts a trial, and its design is queued once more (a new trial number)."""
     optuna = optuna_module()
+    import sqlalchemy.exc  # Optuna's own dependency
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
@@ -430,8 +436,6 @@ def open_storage(url: str, heartbeat: int, log=print):
     def stale(study, trial) -> None:
         log(f"trial {trial.number:>4}  failed: its worker stopped (killed?); its design is queued again")
         retry(study, trial)
-
-    import sqlalchemy.exc
 
     driver_url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
     connect = {"timeout": 60} if url.startswith("sqlite") else {"connect_timeout": 10}
@@ -498,10 +502,6 @@ def make_pruner(spec: SearchSpec):
 # ----------------------------------------------------------------------------- one trial
 
 
-class TrialDiverged(Exception):
-    """A trial whose training diverged: the trial is marked FAIL and the search goes on."""
-
-
 def suggest(trial, d: Dim):
     if d.kind == "choice":
         return trial.suggest_categorical(d.key, d.choices)
@@ -541,11 +541,12 @@ def run_trial(trial, spec: SearchSpec, out: Path, shape_classes: tuple):
 
     try:
         result = train.train(cfg, run_dir, on_epoch=on_epoch, log=lambda *a, **k: None).result
-    except CnnlabError as e:
+    except CnnlabError as e:  # a diverged design is a bad region, not bad input: the sampler learns from it
         if (read_json(run_dir / "result.json") or {}).get("status") != "diverged":
             raise
-        trial.set_user_attr("error", str(e))
-        raise TrialDiverged(str(e)) from None
+        trial.set_user_attr("diverged", str(e))
+        trial.set_constraint("finite", 1.0)
+        raise optuna.TrialPruned(str(e)) from None
     trial.set_user_attr("epochs", result["epochs_run"])
     trial.set_user_attr("seconds", result["train_seconds"])
     if result["status"] == "pruned":
@@ -560,7 +561,7 @@ def run_trial(trial, spec: SearchSpec, out: Path, shape_classes: tuple):
 def trial_record(t) -> dict:
     """One trial as plain data (for trials.json and the report)."""
     attrs = dict(t.user_attrs)
-    state = "rejected" if "rejected" in attrs else t.state.name.lower()
+    state = "rejected" if "rejected" in attrs else "diverged" if "diverged" in attrs else t.state.name.lower()
     inter = t.intermediate_values
     return {"number": t.number, "state": state, "values": t.values, "params": t.params, "attrs": attrs,
             "val_acc": t.values[0] if t.values else (inter[max(inter)] if inter else None),
@@ -591,14 +592,15 @@ def importances(study) -> dict:
 
 
 def counts(records: list[dict]) -> dict:
-    keys = ("complete", "pruned", "rejected", "fail", "running", "waiting")
+    keys = ("complete", "pruned", "diverged", "rejected", "fail", "running", "waiting")
     return {k: sum(r["state"] == k for r in records) for k in keys}
 
 
 def trained(records: list[dict]) -> int:
-    """Trials that count toward --trials: trained to the end or pruned (not rejected, not failed)."""
+    """Trials that count toward --trials: trained to the end, pruned or diverged (not rejected
+    before training, not failed by an interruption)."""
     c = counts(records)
-    return c["complete"] + c["pruned"]
+    return c["complete"] + c["pruned"] + c["diverged"]
 
 
 def snapshot(study, spec: SearchSpec, out: Path) -> dict:
@@ -638,7 +640,9 @@ def trial_line(r: dict, done: int, total: int) -> str:
     if r["state"] == "rejected":
         return f"{head}  rejected before training: {a['rejected']}  {design}"
     if r["state"] == "fail":
-        return f"{head}  failed: {a.get('error', 'stopped or killed')}  {design}"
+        return f"{head}  failed (interrupted or killed)  {design}"
+    if r["state"] == "diverged":
+        return f"{head}  diverged: {a['diverged'].split(':')[0]}  {design}  ({done}/{total})"
     acc = f"val {r['val_acc']:.2%}" if r["val_acc"] is not None else "val n/a"
     what = "done" if r["state"] == "complete" else f"pruned at epoch {a.get('epochs', '?')}"
     return (f"{head}  {what:<18} {acc}  {size}  {a.get('epochs', '?')} epochs  {a.get('seconds', 0):.1f} s  "
@@ -681,7 +685,7 @@ def run_worker(spec: SearchSpec, storage, study_name: str, out: Path, trials: in
 
     try:
         study.optimize(lambda t: run_trial(t, spec, out, shape_classes), timeout=timeout, callbacks=[after_trial],
-                       catch=(TrialDiverged,), gc_after_trial=False)
+                       gc_after_trial=False)
     finally:
         if bar:
             bar.close()
@@ -764,7 +768,8 @@ def run_search(path: str | Path, out: str | Path | None = None, trials: int | No
     left = remaining(study, trials)
     log(f"search {spec.name!r}: {len(spec.space)} keys, objective {' + '.join(spec.objectives)} on "
         f"{spec.val_split:,} validation images, {spec.epochs} epochs per trial, pruner {spec.pruner['name']}; "
-        f"storage {masked(url)}; {trials - left} of {trials} trials done" + (f", {workers} workers" if workers > 1 else ""))
+        f"storage {masked(url)}; {trials - left} of {trials} trials done"
+        + (f", {workers} workers" if workers > 1 else ""))
     if left > 0 and workers > 1:
         spawn_workers(spec, url, out, trials, timeout, list(overrides), workers)
     elif left > 0:
@@ -779,8 +784,8 @@ def run_search(path: str | Path, out: str | Path | None = None, trials: int | No
 
 def summary_line(data: dict, out: Path) -> str:
     c = data["counts"]
-    head = (f"{c['complete']} trained, {c['pruned']} pruned, {c['rejected']} rejected before training, "
-            f"{c['fail']} failed")
+    head = (f"{c['complete']} trained, {c['pruned']} pruned, {c['diverged']} diverged, {c['rejected']} rejected "
+            f"before training, {c['fail']} failed")
     best = next((r for r in data["trials"] if r["number"] == data["best"]), None)
     if best is None:
         return f"{head}; no finished trial yet"

@@ -34,7 +34,8 @@ def read(path: Path) -> dict:
 def pareto_front(trials: list[dict], size_key: str = "params") -> list[dict]:
     """The finished trials no other beats on both validation accuracy and size, smallest first."""
     front, best_acc = [], -1.0
-    for r in sorted((r for r in trials if r["state"] == "complete"), key=lambda r: (r["attrs"][size_key], -r["val_acc"])):
+    done = [r for r in trials if r["state"] == "complete"]
+    for r in sorted(done, key=lambda r: (r["attrs"][size_key], -r["val_acc"])):
         if r["val_acc"] > best_acc:
             front.append(r)
             best_acc = r["val_acc"]
@@ -46,7 +47,8 @@ def section_numbers(info: dict, data: dict, best: dict | None, final: dict | Non
     budget = ", ".join(f"{k} {data[k]:,}" for k in ("max_params", "max_macs") if data.get(k)) or "none"
     items = [("objective", " + ".join(data["objectives"])), ("budget", budget),
              ("epochs per trial", data["epochs"]), ("pruner", data["pruner"]),
-             ("trials", f"{c['complete']} trained, {c['pruned']} pruned, {c['rejected']} rejected, {c['fail']} failed")]
+             ("trials", f"{c['complete']} trained, {c['pruned']} pruned, {c.get('diverged', 0)} diverged, "
+                        f"{c['rejected']} rejected, {c['fail']} failed")]
     if best is not None:
         items += [("best trial", best["number"]), ("best validation accuracy", _pct(best["val_acc"])),
                   ("best design's params", f"{best['attrs']['params']:,}")]
@@ -60,8 +62,8 @@ def section_numbers(info: dict, data: dict, best: dict | None, final: dict | Non
                   f"after the search (<code>--final</code>).</p>")
     else:
         where += "The best design has not been evaluated on the test set (rerun with <code>--final</code>).</p>"
-    target = f"<p>Best = the fewest params reaching {_pct(data['target'])} validation accuracy, else the most accurate.</p>" \
-        if data.get("target") else ""
+    target = (f"<p>Best = the fewest params reaching {_pct(data['target'])} validation accuracy, else the most "
+              f"accurate.</p>" if data.get("target") else "")
     return f"<h2>1. The search</h2>{numbers(items)}{where}{target}"
 
 
@@ -99,8 +101,8 @@ def section_trials(data: dict) -> str:
     body = []
     for r in data["trials"]:
         a = r["attrs"]
-        state = a["rejected"] if r["state"] == "rejected" else (
-            f"pruned at epoch {a.get('epochs', '?')}" if r["state"] == "pruned" else r["state"])
+        state = {"rejected": f"rejected: {a.get('rejected')}", "pruned": f"pruned at epoch {a.get('epochs', '?')}",
+                 "diverged": f"diverged: {a.get('diverged')}"}.get(r["state"], r["state"])
         body.append([r["number"], state, _pct(r["val_acc"]) if r["val_acc"] is not None else "-",
                      f"{a['params']:,}" if "params" in a else "-", f"{a['macs']:,}" if "macs" in a else "-",
                      a.get("epochs", "-"), f"{a['seconds']:.1f}" if "seconds" in a else "-",
