@@ -273,11 +273,20 @@ def test_unreachable_storage_is_named_with_its_password_masked(tmp_path, capsys)
     assert "hunter2" not in err
 
 
-def test_a_directory_holding_another_search_is_refused(searched, tmp_path, capsys):
+def test_a_directory_or_storage_holding_another_search_is_refused(searched, tmp_path, capsys):
     path, out, _ = searched
     other = write_search(tmp_path / path.name, space=SPACE.replace("0.001", "0.002"))
     assert_one_line_error(*cli(capsys, "search", other, "--out", out)[::2], "holds a different search")
-    assert trained_count(out) >= 6
+    storage = f"sqlite:///{out / 'study.db'}"
+    assert_one_line_error(*cli(capsys, "search", other, "--out", tmp_path / "o", "--storage", storage)[::2],
+                          "holds a different study named 'tiny'")
+    assert trained_count(out) >= 6 and not (tmp_path / "o").exists()
+
+
+def test_without_optuna_the_search_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the [search] extra were not installed
+    path = write_search(tmp_path / "s.toml")
+    assert_one_line_error(*cli(capsys, "search", path, "--out", tmp_path / "o")[::2], "pip install 'cnnlab[search]'")
 
 
 # ----------------------------------------------------------------------------- workers, storage, kill -9
