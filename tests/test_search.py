@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -233,7 +234,35 @@ def test_a_zoo_option_searched_through_a_placeholder(tmp_path):
     spec = search.load_search(path)
     cfg = search.trial_config(spec, {"w": 0.75})
     assert cfg.model.options["width"] == 0.75 and cfg.model.name == "mnist_8k"
-    assert search.measure(cfg, ((1, 28, 28), 10))[0] == summarize("mnist_8k", dropout=0.03, width=0.75).total_params
+    assert search.measure(cfg, ((1, 28, 28), 10, "mnist"))[0] == summarize("mnist_8k", dropout=0.03,
+                                                                          width=0.75).total_params
+
+
+def test_a_layer_design_searched_through_placeholders(tmp_path):
+    """The layer notation, searched: widths and a pool size fill strings of [model] layers, a block
+    searched away drops out, and a design whose maps shrink to nothing is rejected before training."""
+    recipe = (f'recipe = "{REPO / "recipes" / "designs" / "mnist_8k.toml"}"\n{TINY}\n[model]\nlayers = ['
+              '"conv {c1}", "conv 8", "maxpool {pool}", "trans 8", "conv 8", "{extra}", "gap", '
+              '"conv classes k1 plain", "flatten"]\n')
+    path = write_search(tmp_path / "layers.toml", 'epochs = 1\ntrials = 3\nsampler = "random"\nseed = 3\n'
+                        'pruner = "none"', 'c1 = {int = [4, 8]}\npool = {choice = [2, 20, 3]}\n'
+                        'extra = {choice = ["", "conv 8 p1"]}', recipe)
+    out = tmp_path / "out"
+    data = search.run_search(path, out=out, log=lambda *a: None)
+    recs = data["trials"]
+    invalid = [r for r in recs if r["state"] == "rejected"]
+    assert invalid and all(r["params"]["pool"] == 20 and "not a valid design" in r["attrs"]["rejected"]
+                           and not (out / f"trial_{r['number']:04d}").exists() for r in invalid)
+    done = [r for r in recs if r["state"] == "complete"]
+    assert len(done) == 3
+    for r in done:
+        trained = tomllib.loads((out / r["attrs"]["run"] / "config.toml").read_text())
+        p = r["params"]
+        layers = [f"conv {p['c1']}", "conv 8", f"maxpool {p['pool']}", "trans 8", "conv 8",
+                  *([p["extra"]] if p["extra"] else []), "gap", "conv classes k1 plain", "flatten"]
+        assert trained["model"]["layers"] == layers
+        facts = ((1, 28, 28), 10, "mnist")
+        assert r["attrs"]["params"] == search.measure(search.trial_config(search.load_search(path), p), facts)[0]
 
 
 BAD = [

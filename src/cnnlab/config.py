@@ -271,7 +271,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Config:
     raw = read_toml(path)
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(raw, base_dir=path.parent)
+    return from_dict(raw, base_dir=Path(path).parent)
 
 
 def read_toml(path: str | Path, what: str = "recipe", example: str = "recipes/mnist_tiny.toml") -> dict:

@@ -40,11 +40,9 @@ from datetime import datetime, timezone
 from itertools import islice, product
 from pathlib import Path
 
-from cnnlab import config, evaluate, runs, train
-from cnnlab.data import DATASETS, load_dataset
+from cnnlab import config, evaluate, models, runs, train
 from cnnlab.errors import CnnlabError
-from cnnlab.models import create_model
-from cnnlab.summary import summarize
+from cnnlab.summary import check_model, data_facts
 
 OBJECTIVES = {"val_acc": "maximize", "params": "minimize", "macs": "minimize"}
 SEARCH_KEYS = ("name", "objective", "target", "max_params", "max_macs", "epochs", "pruner", "sampler", "seed",
@@ -150,26 +148,33 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
         seed=_positive_int("seed", opts["seed"], 0) if "seed" in opts else None,
         trials=_positive_int("trials", opts.get("trials", 20)),
         heartbeat=_positive_int("heartbeat", opts.get("heartbeat", 30)))
-    model_budget = recipe.get("model", {}).get("max_params")  # the design notation's own budget key
-    if isinstance(model_budget, int) and (spec.max_params is None or model_budget < spec.max_params):
-        spec.max_params = model_budget
+    for key in ("max_params", "max_macs"):  # [model] max_params / max_macs of the recipe are budgets too
+        limit, own = recipe.get("model", {}).get(key), getattr(spec, key)
+        if isinstance(limit, int) and limit > 0 and (own is None or limit < own):
+            setattr(spec, key, limit)
     check_spec(spec)
     return spec
 
 
 def base_recipe(path: Path, raw: dict) -> dict:
-    """The recipe file named by ``recipe`` (relative to the search file), then the inline tables over it."""
-    recipe = {}
+    """The recipe file named by ``recipe`` (relative to the search file), then the inline tables over
+    it; a model given as "file.py:function" is made absolute (from the file that names it)."""
+    recipe, model_dir = {}, path.parent
     if "recipe" in raw:
         if not isinstance(raw["recipe"], str):
             raise CnnlabError(f"{path}: recipe = {raw['recipe']!r}: expected the path of a recipe, e.g. "
                               f"recipe = \"../recipes/mnist_8k.toml\"")
         recipe = config.read_toml(path.parent / raw["recipe"])
+        model_dir = (path.parent / raw["recipe"]).parent
     for section in config.SECTION_TYPES:
         if section in raw:
             if not isinstance(raw[section], dict):
                 raise CnnlabError(f"{path}: '{section}' must be a table [{section}]")
             recipe.setdefault(section, {}).update(raw[section])
+    model = recipe.get("model", {})
+    if isinstance(model.get("name"), str):
+        model["name"] = config.resolve_reference(model["name"], path.parent if "name" in raw.get("model", {})
+                                                 else model_dir)
     return recipe
 
 
@@ -321,20 +326,12 @@ def trial_config(spec: SearchSpec, params: dict) -> config.Config:
     return config.from_dict(trial_recipe(spec, params))
 
 
-def input_of(cfg: config.Config) -> tuple[tuple[int, int, int], int]:
-    """Image shape and number of classes, from the dataset's registry entry (an image folder is read)."""
-    info = DATASETS.get(cfg.data.dataset)
-    if info is not None and info.classes:
-        return info.shape, len(info.classes)
-    ds = load_dataset(cfg.data.dataset, root=cfg.data.root or None, acquire=False, log=lambda *a, **k: None)
-    return ds.shape, ds.num_classes
-
-
-def measure(cfg: config.Config, shape_classes: tuple) -> tuple[int, int]:
-    """Parameters (Keras-style total) and MACs per image of a trial's model: built, not trained."""
-    shape, classes = shape_classes
-    model = create_model(cfg.model.name, num_classes=classes, **cfg.model.options)
-    s = summarize(model, input_shape=shape)
+def measure(cfg: config.Config, facts: tuple) -> tuple[int, int]:
+    """Parameters (Keras total) and MACs per image of a trial's model, built and checked (channels,
+    output) but not trained; ``facts`` = ``summary.data_facts(cfg.data)``. The budget is ours to judge."""
+    shape, classes, data = facts
+    model = models.build(cfg.model.name, cfg.model.options, classes, shape)
+    s = check_model(model, cfg.model.name, shape, classes, data)
     return s.total_params, s.macs
 
 
@@ -348,7 +345,8 @@ def over_budget(spec: SearchSpec, params: int, macs: int) -> str:
 
 
 def fmt_params(params: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f'{k}=""' if v == "" else f"{k}={v}"
+                    for k, v in params.items())
 
 
 def check_spec(spec: SearchSpec) -> None:
@@ -367,30 +365,31 @@ def check_spec(spec: SearchSpec) -> None:
                           "held out of the training set, never on the test set; set e.g. [data] val_split = 5000")
     lows = {d.key: d.corners()[0] for d in spec.space}
     highs = {d.key: d.corners()[-1] for d in spec.space}
-    shape_classes = None
+    facts = None
     for corner in (lows, highs):
         try:
             cfg = trial_config(spec, corner)
-            shape_classes = shape_classes or input_of(cfg)
-            measure(cfg, shape_classes)
+            facts = facts or data_facts(cfg.data)
+            measure(cfg, facts)
         except CnnlabError as e:
             raise CnnlabError(f"[space] at {fmt_params(corner)}: {e}") from None
     if spec.max_params is not None or spec.max_macs is not None:
-        check_budget(spec, shape_classes)
+        check_budget(spec, facts)
 
 
-def check_budget(spec: SearchSpec, shape_classes: tuple) -> None:
-    """Refuse a budget no design in the space meets, naming the smallest design found (the model
-    keys at each end of their ranges and every choice, up to ``MAX_CORNERS`` designs)."""
+def check_budget(spec: SearchSpec, facts: tuple) -> None:
+    """Refuse a budget no design in the space meets, naming the smallest design found: the model's
+    ranges at their low ends (sizes grow with widths, depths and kernels) with every combination of
+    its choices, up to ``MAX_CORNERS`` designs."""
     in_model = placeholders(spec.recipe.get("model", {}))
     dims = [d for d in spec.space if d.key.startswith("model.") or d.key in in_model]
     base = {d.key: d.corners()[0] for d in spec.space}
     sizes = []
-    for values in islice(product(*(d.corners() for d in dims)), MAX_CORNERS):
+    for values in islice(product(*(d.choices or [d.low] for d in dims)), MAX_CORNERS):
         design = dict(zip((d.key for d in dims), values))
-        sizes.append((*measure(trial_config(spec, {**base, **design}), shape_classes), design))
-    if any(not over_budget(spec, params, macs) for params, macs, _ in sizes):
-        return
+        sizes.append((*measure(trial_config(spec, {**base, **design}), facts), design))
+        if not over_budget(spec, *sizes[-1][:2]):
+            return
     params, macs, design = min(sizes, key=lambda s: (s[0], s[1]))
     budget = ", ".join(f"{k} {v:,}" for k, v in (("max_params", spec.max_params), ("max_macs", spec.max_macs)) if v)
     raise CnnlabError(f"no design in the space meets the budget ({budget}): the smallest has {params:,} params and "
@@ -510,14 +509,20 @@ def suggest(trial, d: Dim):
     return trial.suggest_float(d.key, d.low, d.high, step=d.step, log=d.log)
 
 
-def run_trial(trial, spec: SearchSpec, out: Path, shape_classes: tuple):
-    """Optuna's objective: the trial's recipe, its size (over budget: pruned before training, at no
-    cost), then training into DIR/trial_NNNN with each epoch's validation accuracy sent to the pruner."""
+def run_trial(trial, spec: SearchSpec, out: Path, facts: tuple):
+    """Optuna's objective: the trial's recipe, its size (over budget, or not a valid design: pruned
+    before training, at no cost), then training into DIR/trial_NNNN with each epoch's validation
+    accuracy sent to the pruner."""
     optuna = optuna_module()
     params = {d.key: suggest(trial, d) for d in spec.space}
-    cfg = trial_config(spec, params)
+    try:
+        cfg = trial_config(spec, params)
+        n_params, macs = measure(cfg, facts)
+    except CnnlabError as e:  # e.g. a layer list whose maps shrink to nothing: a point to avoid, not bad input
+        trial.set_user_attr("rejected", f"not a valid design: {e}")
+        trial.set_constraint("valid", 1.0)
+        raise optuna.TrialPruned(str(e)) from None
     cfg.train.quiet = True  # no per-epoch table or bar: the search prints a line per trial
-    n_params, macs = measure(cfg, shape_classes)
     trial.set_user_attr("params", n_params)
     trial.set_user_attr("macs", macs)
     for key, limit, value in (("params", spec.max_params, n_params), ("macs", spec.max_macs, macs)):
@@ -535,7 +540,7 @@ def run_trial(trial, spec: SearchSpec, out: Path, shape_classes: tuple):
     def on_epoch(row: dict) -> None:
         trial.set_user_attr("epochs", row["epoch"])
         if prune:
-            trial.report(row["val_acc"], row["epoch"])
+            trial.report(row[runs.acc_key("val")], row["epoch"])
             if trial.should_prune():
                 raise train.StopRun("pruned")
 
@@ -551,7 +556,7 @@ def run_trial(trial, spec: SearchSpec, out: Path, shape_classes: tuple):
     trial.set_user_attr("seconds", result["train_seconds"])
     if result["status"] == "pruned":
         raise optuna.TrialPruned(f"pruned at epoch {result['epochs_run']}")
-    acc = result["final_val_acc"]
+    acc = runs.final_acc(result)
     return acc if len(spec.objectives) == 1 else (acc, n_params if spec.objectives[1] == "params" else macs)
 
 
@@ -659,7 +664,7 @@ def run_worker(spec: SearchSpec, storage, study_name: str, out: Path, trials: in
     optuna = optuna_module()
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, seed),
                               pruner=make_pruner(spec))
-    shape_classes = input_of(trial_config(spec, {d.key: d.corners()[0] for d in spec.space}))
+    facts = data_facts(trial_config(spec, {d.key: d.corners()[0] for d in spec.space}).data)
     rejected_in_a_row = [0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -684,7 +689,7 @@ def run_worker(spec: SearchSpec, storage, study_name: str, out: Path, trials: in
             study.stop()
 
     try:
-        study.optimize(lambda t: run_trial(t, spec, out, shape_classes), timeout=timeout, callbacks=[after_trial],
+        study.optimize(lambda t: run_trial(t, spec, out, facts), timeout=timeout, callbacks=[after_trial],
                        gc_after_trial=False)
     finally:
         if bar:
