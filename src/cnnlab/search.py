@@ -52,7 +52,7 @@ PRUNERS = {"median": ("startup_trials", "warmup_epochs"), "hyperband": ("min_epo
            "none": ()}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 MAX_CORNERS = 64  # designs measured to find the smallest one in the space
-MAX_REJECTED_IN_A_ROW = 200  # a worker stops when its sampler keeps proposing designs over budget
+MAX_REJECTED_IN_A_ROW = 200  # a worker stops when its sampler keeps proposing designs it must reject
 
 
 @dataclass
@@ -345,8 +345,15 @@ def over_budget(spec: SearchSpec, params: int, macs: int) -> str:
 
 
 def fmt_params(params: dict) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f'{k}=""' if v == "" else f"{k}={v}"
-                    for k, v in params.items())
+    """``c1=8 optim.lr=0.05 extra="conv 16 p1"``: floats to 4 digits, strings with spaces quoted."""
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, str) and (v == "" or " " in v):
+            return json.dumps(v)
+        return str(v)
+
+    return " ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
 def check_spec(spec: SearchSpec) -> None:
@@ -657,12 +664,12 @@ def trial_line(r: dict, done: int, total: int) -> str:
 # ----------------------------------------------------------------------------- running a search
 
 
-def run_worker(spec: SearchSpec, storage, study_name: str, out: Path, trials: int, timeout: float | None,
-               seed: int | None, log=print, prefix: str = "") -> None:
+def run_worker(spec: SearchSpec, storage, out: Path, trials: int, timeout: float | None, seed: int | None,
+               log=print, prefix: str = "") -> None:
     """One worker: trials until the study holds ``trials`` trained ones (all workers together) or
     ``timeout`` seconds have passed."""
     optuna = optuna_module()
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, seed),
+    study = optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec, seed),
                               pruner=make_pruner(spec))
     facts = data_facts(trial_config(spec, {d.key: d.corners()[0] for d in spec.space}).data)
     rejected_in_a_row = [0]
@@ -683,7 +690,8 @@ def run_worker(spec: SearchSpec, storage, study_name: str, out: Path, trials: in
             bar.update(done - bar.n)
         rejected_in_a_row[0] = rejected_in_a_row[0] + 1 if r["state"] == "rejected" else 0
         if rejected_in_a_row[0] >= MAX_REJECTED_IN_A_ROW:
-            log(f"{prefix}stopping: {MAX_REJECTED_IN_A_ROW} designs in a row were over budget; shrink the space")
+            log(f"{prefix}stopping: {MAX_REJECTED_IN_A_ROW} designs in a row were rejected (over budget or not a "
+                f"valid network); shrink the space")
             study.stop()
         if done + counts(records)["running"] >= trials:
             study.stop()
@@ -766,7 +774,7 @@ def run_search(path: str | Path, out: str | Path | None = None, trials: int | No
     out.mkdir(parents=True, exist_ok=True)
     if worker_index:  # a process started by --workers: trials only
         seed = None if spec.seed is None else spec.seed + 1000 * worker_index + len(study.trials)
-        run_worker(spec, store, spec.name, out, trials, timeout, seed, log, prefix=f"[worker {worker_index}] ")
+        run_worker(spec, store, out, trials, timeout, seed, log, prefix=f"[worker {worker_index}] ")
         return snapshot(study, spec, out)
     runs.write_json(out / "search.json", {"name": spec.name, "file": str(spec.path), "overrides": list(overrides),
                                           "storage": masked(url), "identity": spec.identity(), "started": now()})
@@ -779,7 +787,7 @@ def run_search(path: str | Path, out: str | Path | None = None, trials: int | No
         spawn_workers(spec, url, out, trials, timeout, list(overrides), workers)
     elif left > 0:
         seed = None if spec.seed is None else spec.seed + len(study.trials)
-        run_worker(spec, store, spec.name, out, trials, timeout, seed, log)
+        run_worker(spec, store, out, trials, timeout, seed, log)
     data = snapshot(study, spec, out)
     log(summary_line(data, out))
     if final:
