@@ -22,7 +22,7 @@ from cnnlab import search
 from cnnlab.cli import main
 from cnnlab.models import create_model
 from cnnlab.summary import summarize
-from test_evaluate import assert_one_line_error, assert_png, cli
+from test_evaluate import assert_png
 from test_report import PROBE, run_chromium
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,15 +105,15 @@ def test_search_trains_prunes_and_rejects_over_budget_designs(searched):
     assert "pruned at epoch" in printed and "rejected before training" in printed
 
 
-def test_trials_are_ordinary_runs_and_best_recipe_reproduces(searched, tmp_path, capsys):
+def test_trials_are_ordinary_runs_and_best_recipe_reproduces(searched, tmp_path, cli):
     _, out, _ = searched
     data = json.loads((out / "trials.json").read_text())
     best = next(r for r in data["trials"] if r["number"] == data["best"])
     assert best["val_acc"] == max(r["val_acc"] for r in data["trials"] if r["state"] == "complete")
-    rc, table, err = cli(capsys, "runs", out, "--sort", "best_acc")
+    rc, table, err = cli("runs", out, "--sort", "best_acc")
     assert rc == 0, err
     assert table.splitlines()[2].split()[0] == best["attrs"]["run"]
-    rc, _, err = cli(capsys, "train", out / "best_recipe.toml", "--out", tmp_path / "again", "--quiet")
+    rc, _, err = cli("train", out / "best_recipe.toml", "--out", tmp_path / "again", "--quiet")
     assert rc == 0, err
     again = json.loads((tmp_path / "again" / "result.json").read_text())
     assert again["final_val_acc"] == best["val_acc"]  # same recipe, same seed, same CPU: the same number
@@ -144,9 +144,9 @@ def test_rerun_continues_the_study_without_reusing_numbers(searched, tmp_path):
     assert [r["number"] for r in after] == list(range(len(after))) and before < {r["number"] for r in after}
 
 
-def test_search_report_renders_in_headless_chromium(searched, tmp_path, capsys):
+def test_search_report_renders_in_headless_chromium(searched, tmp_path, cli):
     _, out, _ = searched
-    rc, printed, err = cli(capsys, "report", out)
+    rc, printed, err = cli("report", out)
     assert rc == 0, err
     page = out / "report.html"
     assert printed.strip() == str(page)
@@ -279,43 +279,44 @@ BAD = [
 
 
 @pytest.mark.parametrize("space, search_table, needle", BAD)
-def test_bad_search_files_fail_in_one_line_before_training(tmp_path, capsys, space, search_table, needle):
+def test_bad_search_files_fail_in_one_line_before_training(tmp_path, cli, check, space, search_table, needle):
     path = write_search(tmp_path / "bad.toml", search_table, space)
     out = tmp_path / "out"
-    assert_one_line_error(*cli(capsys, "search", path, "--out", out)[::2], needle)
+    check.one_line_error(*cli("search", path, "--out", out)[::2], needle)
     assert not list(out.glob("trial_*"))
 
 
-def test_no_validation_split_and_searched_set_are_refused(tmp_path, capsys):
+def test_no_validation_split_and_searched_set_are_refused(tmp_path, cli, check):
     path = write_search(tmp_path / "noval.toml", recipe=BASE + TINY.replace("val_split = 1000", "val_split = 0"))
-    assert_one_line_error(*cli(capsys, "search", path, "--out", tmp_path / "o")[::2], "no validation split")
+    check.one_line_error(*cli("search", path, "--out", tmp_path / "o")[::2], "no validation split")
     path = write_search(tmp_path / "ok.toml")
-    assert_one_line_error(*cli(capsys, "search", path, "--out", tmp_path / "o", "--set", "optim.lr=0.1")[::2],
+    check.one_line_error(*cli("search", path, "--out", tmp_path / "o", "--set", "optim.lr=0.1")[::2],
                           "optim.lr is searched")
 
 
-def test_unreachable_storage_is_named_with_its_password_masked(tmp_path, capsys):
+def test_unreachable_storage_is_named_with_its_password_masked(tmp_path, cli, check):
     path = write_search(tmp_path / "s.toml")
-    rc, _, err = cli(capsys, "search", path, "--out", tmp_path / "o", "--storage",
+    rc, _, err = cli("search", path, "--out", tmp_path / "o", "--storage",
                      "postgresql://alice:hunter2@127.0.0.1:1/db")
-    assert_one_line_error(rc, err, "postgresql://alice:***@127.0.0.1:1/db", "unreachable")
+    check.one_line_error(rc, err, "postgresql://alice:***@127.0.0.1:1/db", "unreachable")
     assert "hunter2" not in err
 
 
-def test_a_directory_or_storage_holding_another_search_is_refused(searched, tmp_path, capsys):
+def test_a_directory_or_storage_holding_another_search_is_refused(searched, tmp_path, cli, check):
     path, out, _ = searched
+    before = check.snapshot(out)
     other = write_search(tmp_path / path.name, space=SPACE.replace("0.001", "0.002"))
-    assert_one_line_error(*cli(capsys, "search", other, "--out", out)[::2], "holds a different search")
+    check.one_line_error(*cli("search", other, "--out", out)[::2], "holds a different search")
     storage = f"sqlite:///{out / 'study.db'}"
-    assert_one_line_error(*cli(capsys, "search", other, "--out", tmp_path / "o", "--storage", storage)[::2],
+    check.one_line_error(*cli("search", other, "--out", tmp_path / "o", "--storage", storage)[::2],
                           "holds a different study named 'tiny'")
-    assert trained_count(out) >= 6 and not (tmp_path / "o").exists()
+    assert check.snapshot(out) == before and not (tmp_path / "o").exists()  # nothing saved was touched
 
 
-def test_without_optuna_the_search_says_what_to_install(tmp_path, capsys, monkeypatch):
+def test_without_optuna_the_search_says_what_to_install(tmp_path, cli, check, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if the [search] extra were not installed
     path = write_search(tmp_path / "s.toml")
-    assert_one_line_error(*cli(capsys, "search", path, "--out", tmp_path / "o")[::2], "pip install 'cnnlab[search]'")
+    check.one_line_error(*cli("search", path, "--out", tmp_path / "o")[::2], "pip install 'cnnlab[search]'")
 
 
 # ----------------------------------------------------------------------------- workers, storage, kill -9
