@@ -36,7 +36,7 @@ test: setup system
 	$(CNNLAB) data get fashion-mnist
 	@if [ -d "$(SHARED_CIFAR)" ]; then $(CNNLAB) data get cifar10 --from "$(SHARED_CIFAR)"; \
 	else echo "note: $(SHARED_CIFAR) not found; the CIFAR recipe tests need it (cnnlab data get cifar10 --from DIR)"; fi
-	$(PY) -m pytest -q
+	bash scripts/with-postgres.sh $(PY) -m pytest -q  # a throwaway PostgreSQL server for the search tests
 
 bench: setup
 	$(PY) benchmarks/loader_throughput.py

@@ -118,9 +118,25 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from cnnlab import report
+    from cnnlab import report, search_report
 
+    if search_report.is_search_dir(args.run):
+        print(search_report.write_search_report(args.run))
+        return
     print(report.write_report(args.run, log=print))
+
+
+def cmd_search(args) -> int:
+    from cnnlab import search, train
+
+    try:
+        with sigterm_as_ctrl_c():
+            search.run_search(args.search, out=args.out, trials=args.trials, timeout=args.timeout,
+                              workers=args.workers, storage=args.storage, overrides=args.set, final=args.final,
+                              worker_index=args.worker_index)
+    except train.Interrupted:
+        return 130
+    return 0
 
 
 def cmd_runs(args) -> None:
@@ -318,9 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=16, help="misclassified images to show (default 16)")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("report", help="write RUN/report.html (evaluates first if needed)")
+    r = sub.add_parser("report", help="write RUN/report.html (evaluates first if needed), or a search's report")
     r.add_argument("run")
     r.set_defaults(func=cmd_report)
+
+    se = sub.add_parser("search", help="architecture and hyper-parameter search under a budget (Optuna)")
+    se.add_argument("search", help="a search file, e.g. searches/mnist_budget.toml")
+    se.add_argument("--trials", type=int, help="trained trials in the study, all workers together (default: the "
+                    "file's [search] trials); rerunning continues up to this number")
+    se.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    se.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    se.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: "
+                    "$CNNLAB_STORAGE, else DIR/study.db)")
+    se.add_argument("--out", help="search directory (default runs/search_<name>)")
+    se.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base-recipe key")
+    se.add_argument("--final", action="store_true", help="then evaluate the best design once on the test set")
+    se.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set by --workers
+    se.set_defaults(func=cmd_search)
 
     ls = sub.add_parser("runs", help="table of the runs in a directory")
     ls.add_argument("dir", nargs="?", default="runs", help="folder of runs (default runs/)")

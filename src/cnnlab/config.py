@@ -268,18 +268,23 @@ def validate(cfg: Config) -> None:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a TOML recipe, apply ``key=value`` overrides, and check everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise CnnlabError(f"recipe {path}: no such file; pass a .toml recipe such as recipes/mnist_tiny.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise CnnlabError(f"recipe {path}: not valid TOML ({e})") from None
-    except RecursionError:  # tomllib reads nested arrays and tables recursively
-        raise CnnlabError(f"recipe {path}: arrays or tables nested too deeply to read") from None
+    raw = read_toml(path)
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(raw, base_dir=path.parent)
+    return from_dict(raw, base_dir=Path(path).parent)
+
+
+def read_toml(path: str | Path, what: str = "recipe", example: str = "recipes/mnist_tiny.toml") -> dict:
+    """The tables of a TOML file (a recipe, or a search file), with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnnlabError(f"{what} {path}: no such file; pass a .toml {what} such as {example}")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CnnlabError(f"{what} {path}: not valid TOML ({e})") from None
+    except RecursionError:  # tomllib reads nested arrays and tables recursively
+        raise CnnlabError(f"{what} {path}: arrays or tables nested too deeply to read") from None
 
 
 def apply_override(raw: dict, item: str) -> None:

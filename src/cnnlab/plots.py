@@ -248,3 +248,73 @@ def plot_lr_find(result: dict, path: str | Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     return save(fig, path)
+
+
+# ----------------------------------------------------------------------------- searches
+
+
+def _trial_points(trials: list[dict], state: str, x_key: str | None) -> tuple[list, list]:
+    """x (a trial attribute such as "params", or the trial number) and validation accuracy in %
+    of the trials (records of a search's trials.json) in ``state``."""
+    pts = [(r["attrs"][x_key] if x_key else r["number"], 100 * r["val_acc"]) for r in trials
+           if r["state"] == state and r["val_acc"] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_tradeoff(trials: list[dict], front: list[dict], best: dict | None, budget: int | None,
+                  path: str | Path, size_key: str = "params") -> Path:
+    """Validation accuracy against model size, one point per trial: trained, pruned (at the last
+    epoch it reported), the Pareto front, the best trial, the budget line, and the designs
+    rejected before training as ticks on the size axis."""
+    fig = new_figure(8, 4.6)
+    ax = fig.subplots()
+    xs, ys = _trial_points(trials, "complete", size_key)
+    ax.scatter(xs, ys, color="C0", label="trained", zorder=3)
+    xs, ys = _trial_points(trials, "pruned", size_key)
+    if xs:
+        ax.scatter(xs, ys, marker="x", color="0.55", label="pruned (last epoch reported)", zorder=2)
+    if front:
+        ax.plot([r["attrs"][size_key] for r in front], [100 * r["val_acc"] for r in front], "-", color="C1",
+                label="Pareto front", zorder=1)
+    if best is not None:
+        ax.scatter([best["attrs"][size_key]], [100 * best["val_acc"]], marker="*", s=260, color="C3",
+                   label=f"best (trial {best['number']})", zorder=4)
+    rejected = [r["attrs"][size_key] for r in trials if r["state"] == "rejected" and size_key in r["attrs"]]
+    if rejected:
+        ax.plot(rejected, [0.02] * len(rejected), "|", ms=14, color="C3", transform=ax.get_xaxis_transform(),
+                label="rejected before training")
+    if budget:
+        ax.axvline(budget, ls="--", color="C3", label=f"budget {budget:,} {size_key}")
+    ax.set(title=f"validation accuracy against {size_key}", xlabel=size_key, ylabel="validation accuracy %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def plot_search_history(trials: list[dict], path: str | Path) -> Path:
+    """Validation accuracy per trial number, with the best so far."""
+    fig = new_figure(8, 3.8)
+    ax = fig.subplots()
+    xs, ys = _trial_points(trials, "complete", None)
+    ax.scatter(xs, ys, color="C0", label="trained", zorder=3)
+    if ys:
+        ax.step(xs, np.maximum.accumulate(ys), where="post", color="C1", label="best so far")
+    px, py = _trial_points(trials, "pruned", None)
+    if px:
+        ax.scatter(px, py, marker="x", color="0.55", label="pruned (last epoch reported)")
+    ax.set(title="optimisation history", xlabel="trial", ylabel="validation accuracy %")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def plot_importances(importances: dict[str, float], path: str | Path) -> Path:
+    """Horizontal bars: how much each searched key mattered (Optuna's importances, summing to 1)."""
+    names = list(importances)[::-1]
+    fig = new_figure(8, 0.9 + 0.35 * max(1, len(names)))
+    ax = fig.subplots()
+    ax.barh(names, [importances[n] for n in names], color="C0")
+    ax.set(title="parameter importances", xlabel="importance (sum 1)")
+    ax.grid(alpha=0.3, axis="x")
+    return save(fig, path)
