@@ -10,7 +10,10 @@ and weight gradients, twice the forward); "bytes" is the least memory traffic th
 this machine's copy bandwidth, measured here (a 256 MiB tensor copy: read + write). Then whole
 training steps of cifar_dw56k (forward, backward, SGD) with and without the fast kernel.
 
-    PYTHONPATH=src python benchmarks/dwconv.py [--repeats 20] [--threads N] [--batch 32]
+    PYTHONPATH=src python benchmarks/dwconv.py [--repeats 20] [--threads N] [--batch 32] [--cpu-time]
+
+``--cpu-time`` times with the process's CPU time instead of the wall clock: with ``--threads 1`` on
+a machine that other work shares, the time slices the others take do not count.
 
 Prints Markdown tables.
 """
@@ -35,15 +38,15 @@ from cnnlab.layers import DepthwiseConv2d  # noqa: E402
 from cnnlab.models import create_model  # noqa: E402
 
 
-def copy_bandwidth(repeats: int, mib: int = 256) -> float:
+def copy_bandwidth(repeats: int, clock, mib: int = 256) -> float:
     """GB/s of a large tensor copy, counting the bytes read and the bytes written."""
     src = torch.ones(mib * 2**20 // 4)
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         dst.copy_(src)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
@@ -85,17 +88,17 @@ def _with_autocast(module, x):
         return module(x)
 
 
-def time_layer(variants: dict, repeats: int) -> dict:
+def time_layer(variants: dict, repeats: int, clock) -> dict:
     """Median forward and backward seconds per variant, the variants taking turns."""
     times = {name: ([], []) for name in variants}
     for i in range(repeats + 1):
         for name, (fn, x, weight) in variants.items():
             xg = x.detach().requires_grad_()
-            t0 = time.perf_counter()
+            t0 = clock()
             y = fn(xg, weight)
-            t1 = time.perf_counter()
+            t1 = clock()
             y.backward(torch.ones_like(y))
-            t2 = time.perf_counter()
+            t2 = clock()
             weight.grad = None
             if i:  # the first round warms up
                 times[name][0].append(t1 - t0)
@@ -103,7 +106,7 @@ def time_layer(variants: dict, repeats: int) -> dict:
     return {name: (statistics.median(f), statistics.median(b)) for name, (f, b) in times.items()}
 
 
-def step_times(batch: int, dtype: torch.dtype, repeats: int) -> dict:
+def step_times(batch: int, dtype: torch.dtype, repeats: int, clock) -> dict:
     """Median seconds of a cifar_dw56k training step (channels_last) with and without the fast kernel."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -119,14 +122,14 @@ def step_times(batch: int, dtype: torch.dtype, repeats: int) -> dict:
     times = {name: [] for name in setups}
     for i in range(repeats + 1):
         for name, (model, opt) in setups.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             with autocast(torch.device("cpu"), dtype):
                 loss = F.cross_entropy(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if i:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -135,14 +138,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--batch", type=int, default=32, help="batch size (cifar_dw56k's recipe: 32)")
+    ap.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (for --threads 1)")
     args = ap.parse_args()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     if not dwconv.available():
         sys.exit("the fast kernel could not be built; see the warning above")
-    bandwidth = copy_bandwidth(args.repeats)
+    bandwidth = copy_bandwidth(args.repeats, clock)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"copy bandwidth {bandwidth:.1f} GB/s (read + write)\n")
+          f"copy bandwidth {bandwidth:.1f} GB/s (read + write); {'CPU' if args.cpu_time else 'wall'} time\n")
     print("| layer (N, C, H, W) -> Co, stride, pad | dtype | variant | fwd ms | bwd ms | fwd GFLOP/s | bwd GFLOP/s "
           "| fwd MB | bwd MB | fwd % of bandwidth | bwd % of bandwidth | fwd+bwd speed-up vs torch |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -156,7 +161,7 @@ def main() -> None:
             size = torch.tensor([], dtype=dtype).element_size()
             fwd_bytes = size * (n * c * h * w + n * co * ho * wo)
             bwd_bytes = size * (n * co * ho * wo + 2 * n * c * h * w)
-            res = time_layer(layer_variants(layer, dtype), args.repeats)
+            res = time_layer(layer_variants(layer, dtype), args.repeats, clock)
             ref = sum(res["torch"])
             for name, (tf, tb) in res.items():
                 totals.setdefault((dtype, name), [0.0, 0.0])
@@ -176,7 +181,7 @@ def main() -> None:
     print("| dtype | fallback ms/step | fast ms/step | speed-up |")
     print("|---|---:|---:|---:|")
     for dtype in (torch.float32, torch.bfloat16):
-        t = step_times(args.batch, dtype, args.repeats)
+        t = step_times(args.batch, dtype, args.repeats, clock)
         print(f"| {str(dtype)[6:]} | {1e3 * t['fallback']:.1f} | {1e3 * t['fast']:.1f} | {t['fallback'] / t['fast']:.2f}x |")
 
 

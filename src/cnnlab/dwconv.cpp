@@ -300,10 +300,14 @@ void input_grad_row(const T* grad, int64_t n, int64_t ih, const A* w9, const Geo
     const int64_t oh = t / s;
     grow[kh] = ring.get(n * g.Ho + oh, oh, [&](A* dst) { pad_grad_row(grad + (n * g.Ho + oh) * g.Wo * g.Co, dst, g); });
   }
+  A* dst = tmp;  // the (W, Co) sums; with multiplier 1 in the storage type, the gradient row itself
+  if constexpr (std::is_same<T, A>::value) {
+    if (g.M == 1) dst = gx;
+  }
   if (s == 1) {  // column iw, tap kw reads gradient column iw + pad - kw
     const A* rows[3];
     for (int kh = 0; kh < 3; ++kh) rows[kh] = grow[kh] ? grow[kh] + (kPad + g.pad - 2) * g.Co : nullptr;
-    stencil_row<true>(rows, w9, g.Co, g.W, 1, tmp, g.Co);
+    stencil_row<true>(rows, w9, g.Co, g.W, 1, dst, g.Co);
   } else {
     for (int64_t q = 0; q < s && q < g.W; ++q) {
       const A* src[9];
@@ -318,9 +322,10 @@ void input_grad_row(const T* grad, int64_t n, int64_t ih, const A* w9, const Geo
           ++nt;
         }
       }
-      tap_row<A>(src, w, nt, g.Co, (g.W - q + s - 1) / s, tmp + q * g.Co, s * g.Co);
+      tap_row<A>(src, w, nt, g.Co, (g.W - q + s - 1) / s, dst + q * g.Co, s * g.Co);
     }
   }
+  if (dst != tmp) return;
   if (g.M == 1) return sum_copies<1>(tmp, gx, g.W * g.C, 1);
   if (g.M == 2) return sum_copies<2>(tmp, gx, g.W * g.C, 2);
   sum_copies<0>(tmp, gx, g.W * g.C, g.M);
