@@ -150,6 +150,7 @@ class DepthwiseConv3x3(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w9 = ctx.saved_tensors
         stride, padding, weight_dtype = ctx.conv
