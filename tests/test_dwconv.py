@@ -120,11 +120,13 @@ def test_layer_under_bf16_autocast_matches_torch():
     torch.testing.assert_close(fast.float(), plain.float(), rtol=2 ** -6, atol=2 ** -6)
 
 
-@pytest.mark.parametrize("case", ["nchw", "5x5", "dilation", "stride 3", "padding 2", "float16", "not depthwise"])
+@pytest.mark.parametrize("case", ["nchw", "5x5", "dilation", "stride 3", "padding 2", "float16", "not depthwise",
+                                  "other channels"])
 def test_applies_only_where_the_kernels_cover_the_call(case):
     x, weight = channels_last(2, 4, 8, 8), torch.randn(8, 1, 3, 3)
     stride, padding, dilation = (1, 1), (1, 1), (1, 1)
-    assert dwconv.applies(x, weight, stride, padding, dilation)
+    groups = 4
+    assert dwconv.applies(x, weight, stride, padding, dilation, groups)
     if case == "nchw":
         x = x.contiguous()
     elif case == "5x5":
@@ -139,7 +141,15 @@ def test_applies_only_where_the_kernels_cover_the_call(case):
         x = x.half()
     elif case == "not depthwise":
         weight = torch.randn(8, 2, 3, 3)
-    assert not dwconv.applies(x, weight, stride, padding, dilation)
+    elif case == "other channels":  # 2 channels into a layer made for 4: torch's kernel raises the error
+        groups = 2
+    assert not dwconv.applies(x, weight, stride, padding, dilation, groups)
+
+
+def test_layer_given_the_wrong_channel_count_raises_as_torch_does():
+    conv = DepthwiseConv2d(8, 16, 3, padding=1)
+    with pytest.raises(RuntimeError, match="channels"):
+        conv(channels_last(2, 4, 6, 6))
 
 
 def test_a_failed_build_warns_once_and_the_layer_falls_back(monkeypatch):

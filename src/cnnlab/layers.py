@@ -126,7 +126,7 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.fast and self.padding_mode == "zeros"
-                and dwconv.applies(x, self.weight, self.stride, self.padding, self.dilation) and dwconv.available()):
+                and dwconv.applies(x, self.weight, self.stride, self.padding, self.dilation, self.groups) and dwconv.available()):
             y = dwconv.depthwise_conv3x3(x, self.weight, self.stride[0], self.padding[0])
             return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
         m = self.out_channels // self.in_channels
