@@ -19,7 +19,7 @@ from cnnlab.summary import count_params
 from cnnlab.train import train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-CIFAR = ["cifar_sep92k", "cifar_dw56k", "resnet9", "resnet9_onecycle", "resnet_custom", "airbench94"]
+CIFAR = ["cifar_sep92k", "cifar_dw56k", "resnet9", "resnet9_onecycle", "resnet_custom", "airbench94", "airbench94_muon"]
 SMALL = ["train.quiet=true", "train.threads=1", "data.subset=256", "data.val_split=256", "data.eval_batch_size=256",
          "data.batch_size=64", "train.epochs=2", "train.target=0"]
 NARROW = {"resnet9": ["model.width=0.25"], "resnet9_onecycle": ["model.width=0.25"], "resnet_custom": ["model.width=0.25"]}

@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # "sgd", "adam" or "adamw"
+    name: str = "sgd"  # "sgd", "adam", "adamw" or "muon" (Muon for the hidden layers' weights, SGD for the rest)
     lr: float = 0.01  # base LR; the peak LR for onecycle
     momentum: float = 0.9
     nesterov: bool = False
@@ -60,6 +60,13 @@ class OptimConfig:
     eps: float = 1e-8
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max gradient norm (0 = off)
+    # name = "muon": lr, momentum, nesterov and weight_decay are the SGD part's (first layer, head,
+    # biases, BatchNorm); the schedule scales muon_lr alike
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations per step
+    muon_normalize: bool = False  # rescale each Muon weight to norm sqrt(out_channels) per step (airbench94_muon)
 
 
 @dataclass
@@ -120,7 +127,7 @@ class Config:
 SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
                  "schedule": ScheduleConfig, "train": TrainConfig}
 CHOICES = {
-    ("optim", "name"): ("sgd", "adam", "adamw"),
+    ("optim", "name"): ("sgd", "adam", "adamw", "muon"),
     ("schedule", "name"): ("constant", "onecycle", "cyclic", "inverse", "step", "piecewise"),
     ("schedule", "anneal"): ("cos", "linear"),
     ("data", "crop_mode"): ("zeros", "reflect"),
@@ -224,6 +231,9 @@ def validate(cfg: Config) -> None:
         (cfg.optim.eps > 0, f"optim.eps = {cfg.optim.eps}: must be > 0 (e.g. 1e-8)"),
         (len(cfg.optim.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas),
          f"optim.betas = {cfg.optim.betas}: expected two numbers in [0, 1), e.g. [0.9, 0.999]"),
+        (cfg.optim.muon_lr > 0, f"optim.muon_lr = {cfg.optim.muon_lr}: must be > 0 (e.g. 0.02)"),
+        (0 <= cfg.optim.muon_momentum < 1, f"optim.muon_momentum = {cfg.optim.muon_momentum}: must be in [0, 1)"),
+        (cfg.optim.ns_steps >= 1, f"optim.ns_steps = {cfg.optim.ns_steps}: must be >= 1 (e.g. 5)"),
         (cfg.optim.grad_clip >= 0, f"optim.grad_clip = {cfg.optim.grad_clip}: must be >= 0 (0 = off)"),
         (cfg.schedule.div_factor > 0 and cfg.schedule.final_div_factor > 0,
          "schedule.div_factor and schedule.final_div_factor must be > 0"),

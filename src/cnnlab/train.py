@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab import config as config_mod
-from cnnlab import models, runs
+from cnnlab import models, muon, runs
 from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
 from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
@@ -143,6 +143,8 @@ def build_optimizer(model: torch.nn.Module, o) -> torch.optim.Optimizer:
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
                                fused=True)
+    if o.name == "muon":
+        return muon.for_model(model, groups, o)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
     return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 

@@ -1,0 +1,170 @@
+"""A fast depthwise 3x3 convolution for CPU channels_last tensors, forward and backward.
+
+PyTorch's CPU depthwise kernels are slow, in backward most of all (pytorch issue 13716). The C++
+kernels in ``dwconv.cpp`` work row by row on the channels_last layout, with the depth multiplier
+folded in, and give the same sums as ``F.conv2d`` (float32 or float64 accumulation). They cover a
+3x3 kernel, stride 1 or 2, padding 0 or 1, any depth multiplier, float32, bfloat16 and float64.
+
+The extension is compiled the first time it is needed (``torch.utils.cpp_extension.load_inline``,
+ninja and a C++ compiler, a few seconds) into ``~/.cache/cnnlab/ext`` (``$CNNLAB_EXT_DIR``), in a
+folder named by a hash of the source, the compiler flags, torch's version and the CPU's features,
+so a cache copied to another machine never runs code built for a different CPU. Without a compiler
+or ninja, ``available()`` warns once and returns False, and ``layers.DepthwiseConv2d`` uses torch's
+kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("dwconv.cpp")
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+NAME = "cnnlab_dwconv"
+
+
+class BuildError(Exception):
+    """The extension could not be built or loaded (no compiler, no ninja, a compile error)."""
+
+
+def compiler_flags() -> list[str]:
+    """-O3 with OpenMP (torch's ``parallel_for``); on x86-64 also this CPU's instruction set
+    (AVX-512 where there is one), which is why the cache folder is keyed by the CPU's features."""
+    flags = ["-O3", "-fopenmp", "-Wno-c++20-extensions"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += ["-march=native", "-mprefer-vector-width=512"]
+    return flags
+
+
+def cpu_features() -> str:
+    """What the CPU can run (the flags line of /proc/cpuinfo on Linux, else the processor name)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_dir(source: str) -> Path:
+    root = Path(os.environ.get("CNNLAB_EXT_DIR") or Path.home() / ".cache" / "cnnlab" / "ext").expanduser()
+    key = "\n".join([source, " ".join(compiler_flags()), torch.__version__, sys.version, cpu_features()])
+    return root / f"{NAME}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+@contextmanager
+def _ninja_on_path():
+    """torch runs ``ninja`` from PATH; the pip package puts it beside the venv's python, which is on
+    PATH only in an activated venv: add that folder for the build."""
+    if shutil.which("ninja"):
+        yield
+        return
+    try:
+        import ninja
+    except ImportError:
+        raise BuildError("ninja is not installed (pip install ninja)") from None
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def build(source: str, directory: Path, name: str = NAME) -> None:
+    """Compile ``source`` in ``directory`` (a no-op when it is up to date) and load it into torch.ops.
+    ``name``: torch keeps one build per name and process, so another source needs another name."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if not shutil.which(compiler):
+        raise BuildError(f"no C++ compiler ({compiler}) found; install g++ (or set CXX)")
+    directory.mkdir(parents=True, exist_ok=True)
+    with _ninja_on_path():
+        try:
+            cpp_extension.load_inline(name, [source], extra_cflags=compiler_flags(), extra_ldflags=["-fopenmp"],
+                                      build_directory=str(directory), is_python_module=False,
+                                      no_implicit_headers=True)
+        except (RuntimeError, OSError) as e:  # torch reports a failed build as RuntimeError, a bad library as OSError
+            raise BuildError(f"{type(e).__name__}: {e}") from None
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the fast kernels can run in this process: builds them on the first call (once per
+    process; the compiled library is cached on disk). A failed build warns once and gives False."""
+    source = SOURCE.read_text()
+    try:
+        build(source, build_dir(source))
+    except BuildError as e:
+        warnings.warn(f"cnnlab: the fast depthwise convolution could not be built ({e}); using torch's slower "
+                      f"kernel", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding: tuple, dilation: tuple,
+            groups: int) -> bool:
+    """Whether the kernels cover this call (checked before anything is built): a CPU channels_last
+    input of a supported dtype with ``groups`` channels, a 3x3 depthwise weight, stride 1 or 2,
+    padding 0 or 1, no dilation, outside torch.compile and tracing (they do not know the op)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == groups and compute_dtype(x) in DTYPES
+            and tuple(weight.shape[1:]) == (1, 3, 3) and weight.shape[0] % groups == 0
+            and tuple(dilation) == (1, 1) and tuple(stride) in ((1, 1), (2, 2)) and tuple(padding) in ((0, 0), (1, 1))
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution runs in: autocast's lower precision for float32 inputs, as F.conv2d."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+class DepthwiseConv3x3(torch.autograd.Function):
+    """``F.conv2d(x, weight, None, stride, padding, groups=x.shape[1])`` for a (Co, 1, 3, 3) weight,
+    x channels_last on the CPU. The weight is used in float32 (float64 for float64 inputs) and its
+    gradient comes back in the weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        co = weight.shape[0]
+        w9 = weight.detach().to(acc).reshape(co, 9).t().contiguous()
+        n, _, h, w = x.shape
+        out = torch.empty(n, co, (h + 2 * padding - 3) // stride + 1, (w + 2 * padding - 3) // stride + 1,
+                          dtype=x.dtype, memory_format=torch.channels_last)
+        torch.ops.cnnlab_dwconv.forward(x, w9, out, stride, padding)
+        ctx.save_for_backward(x, w9)
+        ctx.conv = (stride, padding, weight.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, w9 = ctx.saved_tensors
+        stride, padding, weight_dtype = ctx.conv
+        want_x, want_w = ctx.needs_input_grad[:2]
+        grad_x = torch.empty_like(x) if want_x else x.new_empty(0)
+        grad_w9 = torch.empty_like(w9) if want_w else w9.new_empty(0)
+        torch.ops.cnnlab_dwconv.backward(grad.contiguous(memory_format=torch.channels_last), x, w9, grad_x, grad_w9,
+                                         stride, padding)
+        grad_w = grad_w9.t().reshape(-1, 1, 3, 3).to(weight_dtype) if want_w else None
+        return (grad_x if want_x else None), grad_w, None, None
+
+
+def depthwise_conv3x3(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 1) -> torch.Tensor:
+    """The fast kernel (call only where ``applies`` and ``available``); under autocast the input
+    is cast to autocast's dtype first, as F.conv2d would."""
+    return DepthwiseConv3x3.apply(x.to(compute_dtype(x)), weight, stride, padding)
