@@ -211,8 +211,9 @@ def make_loaders(cfg: Config, ds: Dataset, device: torch.device, world: World = 
 def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: World = World()) -> Setup:
     """Load data, build (or take) and check the model, loaders, optimizer and helpers for ``cfg``
     (in process ``world.rank`` of a data-parallel run)."""
-    if cfg.train.threads or world.threads:
-        torch.set_num_threads(cfg.train.threads or world.threads)
+    threads = cfg.train.threads or world.threads  # 0: torch's default
+    if threads:
+        torch.set_num_threads(threads)
     distributed.check_batch(cfg.data.batch_size, world.size)
     device = distributed.place(world, resolve_device(cfg.train.device))
     dtype = DTYPES[cfg.train.dtype]
