@@ -2,22 +2,22 @@
 
     PYTHONPATH=src python benchmarks/allreduce_budget.py --threads 2 --steps 3
 
-For each zoo model (through a recipe that trains it: its batch size, dtype and layout), this
-measures one training step of the whole global batch here (``bench.throughput``: forward, backward,
-SGD; median of ``--steps`` after a warm-up), counts what DDP all-reduces per step (every trainable
-parameter's gradient: 4 bytes each in float32, 2 with a bf16 compression hook), and prints the
-network bandwidth above which a step of N processes is compute-bound:
+For each zoo model (through the recipe named after it, else the first that trains it: its batch
+size, dtype and layout), this measures one training step of the whole global batch here
+(``bench.throughput``: forward, backward, SGD; median of ``--steps`` after a warm-up), counts what
+DDP all-reduces per step (every trainable parameter's gradient: 4 bytes each in float32, 2 with a
+bf16 compression hook), and prints the network bandwidth above which a step of N processes is
+compute-bound:
 
   a ring all-reduce sends (and receives) 2 (N - 1) / N x bytes per process per step, and each of N
-  processes computes 1/N of the batch, T / N seconds for a step that takes T on one; communication
-  hides behind computation when 2 (N - 1) / N x bytes / bandwidth < T / N, i.e. above
-  bandwidth = 2 (N - 1) x bytes / T.
+  processes computes 1/N of the batch, t = T / N seconds for a step that takes T on one; the
+  communication hides behind the computation when 2 (N - 1) / N x bytes / bandwidth < t.
 
-The GPU columns give the same for GPUs whose step time is estimated from airbench94's published
+The GPU columns give the same for GPUs whose step time T is estimated from airbench94's published
 A100 time (3.29 s for 9.9 epochs of 50,000 images at batch 1024: 6.8 ms per step), scaled by each
-model's MACs per step, and at least 1 ms (a step's kernel launches and Python); an estimate,
-nothing here ran on a GPU. Small batches per process use a GPU less well than T / N assumes, so a
-process's step takes longer and the bandwidths are upper bounds.
+model's MACs per step, with t at least 1 ms (a step's kernel launches and Python): an estimate,
+nothing here ran on a GPU. A small batch per process uses a GPU less well than T / N assumes, so
+its step takes longer and those bandwidths are upper bounds.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ AIRBENCH_A100_STEP_S = 3.29 / (9.9 * 50_000 / 1024)  # airbench94's published ti
 
 
 def recipe_per_model() -> dict[str, Path]:
-    """The first recipe (by name) that trains each zoo model."""
+    """The recipe named after each zoo model, else the first (by name) that trains it."""
     found = {}
     for path in sorted((ROOT / "recipes").glob("*.toml")):
         name = tomllib.loads(path.read_text()).get("model", {}).get("name")
-        if name in list_models():
-            found.setdefault(name, path)
+        if name in list_models() and (name not in found or path.stem == name):
+            found[name] = path
     return found
 
 
@@ -62,13 +62,15 @@ def main() -> None:
         s = summarize(name, **cfg.model.options)
         seconds = step["ms_per_step"] / 1000
         fp32 = 4 * s.trainable_params
-        gpu = max(1e-3, AIRBENCH_A100_STEP_S * (s.macs * cfg.data.batch_size) / (air.macs * 1024))
+        ring = 2 * (n - 1) / n * fp32  # bytes each process sends per step
+        gpu = max(1e-3, AIRBENCH_A100_STEP_S * (s.macs * cfg.data.batch_size) / (air.macs * 1024) / n)
         rows.append((name, path.name, s.trainable_params, fp32, cfg.data.batch_size, cfg.train.dtype, seconds,
-                     2 * (n - 1) * fp32 / seconds, 2 * (n - 1) * fp32 / gpu, gpu))
+                     ring / (seconds / n), ring / gpu, gpu))
     print(f"`python benchmarks/allreduce_budget.py --threads {a.threads} --steps {a.steps}` "
           f"({bench.cpu_name()}, {a.threads} threads); N = {n} processes\n")
     print("| model | recipe | trainable params | all-reduced per step (fp32 / bf16) | batch | dtype | step here (s) "
-          f"| compute-bound above, {n} CPU servers like this one | est. GPU step (ms) | compute-bound above, {n} GPUs |")
+          f"| compute-bound above, {n} CPU processes like this | est. GPU step of 1/{n} batch (ms) "
+          f"| compute-bound above, {n} GPUs |")
     print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for name, recipe, params, fp32, bs, dtype, sec, cpu_bw, gpu_bw, gpu in rows:
         print(f"| {name} | {recipe} | {params:,} | {fp32 / 1e6:.2f} / {fp32 / 2e6:.2f} MB | {bs} | {dtype} | {sec:.3f} "

@@ -222,6 +222,12 @@ def test_bad_process_counts(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_nproc_inside_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert_one_error_line(*cli(capsys, "train", FAST, "--nproc", 2, "--out", tmp_path / "r"), 2,
+                          "--nproc starts processes of its own")
+
+
 def test_nccl_without_cuda(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert_one_error_line(*cli(capsys, "train", FAST, "--nproc", 2, "--backend", "nccl", "--out", tmp_path / "r"), 2,

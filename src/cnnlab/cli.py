@@ -85,7 +85,7 @@ def cmd_train(args) -> int:
 def launch_train(args, cfg, out) -> int:
     """``cnnlab train ... --nproc N``: check what can be checked here, then run the same command in N
     processes through torchrun; a process that dies ends the job with one line naming it."""
-    from cnnlab import config, distributed, runs, train
+    from cnnlab import config, data, distributed, runs, train
 
     run_dir = Path(out).parent if Path(out).is_file() else Path(out)
     if cfg is None:
@@ -93,6 +93,8 @@ def launch_train(args, cfg, out) -> int:
     else:
         train.check_out_dir(run_dir, args.overwrite)
     distributed.check_launch(cfg, args.nproc, args.backend, args.master_port)
+    # fetched and cached here once, rather than by every process at the same time
+    data.load_dataset(cfg.data.dataset, root=cfg.data.root or None, val_split=cfg.data.val_split, log=lambda *a: None)
     worker = (["train", "--resume", str(out)] if args.resume else
               ["train", args.recipe, "--out", str(out), *(a for v in args.set for a in ("--set", v)),
                *(["--overwrite"] if args.overwrite else []), *(["--quiet"] if args.quiet else [])])

@@ -53,7 +53,12 @@ class World:
     @property
     def threads(self) -> int:
         """CPU threads per process by default: this machine's cores shared out (0: torch's choice)."""
-        return max(1, len(os.sched_getaffinity(0)) // self.local_size) if self.size > 1 else 0
+        return max(1, cores() // self.local_size) if self.size > 1 else 0
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def world_from_env() -> World:
@@ -230,6 +235,9 @@ def check_launch(cfg, nproc: int, backend: str, port: int | None) -> None:
     """What can be checked before starting ``nproc`` processes for the run of Config ``cfg``."""
     if nproc < 1:
         raise CnnlabError(f"--nproc {nproc}: give the number of processes to train with, 1 or more (e.g. --nproc 2)")
+    if world_from_env().size > 1:
+        raise CnnlabError("--nproc starts processes of its own; under torchrun leave it out (torchrun's "
+                          "--nproc-per-node says how many)")
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     check_gpus(backend_name(backend) == "nccl", cuda, nproc)
     check_batch(cfg.data.batch_size, nproc)
