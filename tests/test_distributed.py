@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cnnlab import runs
+from cnnlab import distributed, runs
 from cnnlab.cli import main
+from cnnlab.errors import CnnlabError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_script.py"
@@ -117,6 +119,19 @@ def test_batchnorm_net_on_two_processes_follows_the_one_process_loss_curve(tmp_p
     assert json.loads((two / "result.json").read_text())["processes"] == 2
 
 
+def test_reaching_the_target_stops_every_process(tmp_path):
+    """Every process evaluates its part and gets the whole split's accuracy, so all see the target
+    reached at the same epoch and stop together: the job ends with exit 0 (a process that trained on
+    alone would wait for the others at its next step until the collective timeout)."""
+    out = tmp_path / "run"
+    proc = run("-m", "cnnlab", "train", FAST, "--out", out, "--nproc", 2,
+               *sets(*SMALL, "data.subset=2048", "train.epochs=4", "train.target=0.3", "train.stop_at_target=true"),
+               timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "target" and result["epochs_run"] == result["target_epoch"] < 4
+
+
 # ----------------------------------------------------------------------------- faults
 
 
@@ -202,6 +217,33 @@ def test_ctrl_c_stops_every_process_and_two_processes_resume(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "done" and result["epochs_run"] == 2
     assert [c["processes"] for c in result["code"]] == [2, 2]
+
+
+def process_failure(exitcode: int, timestamp: int = 100, error_file: str = "", pid: int = 4242):
+    """A stand-in for torchrun's ProcessFailure: what the launcher reads of one."""
+    return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, error_file=error_file, pid=pid,
+                           signal_name=lambda: signal.Signals(-exitcode).name)
+
+
+def test_the_launcher_names_the_process_that_ended_the_job(tmp_path):
+    """torchrun lists every failed process, those it stopped after the first too, with timestamps in
+    whole seconds: the one killed by a signal, or failing by itself, is named, not one that lost it."""
+    killed = process_failure(-9, pid=7)
+    for failures in ({0: process_failure(distributed.LOST_EXIT), 1: killed},  # rank 0 saw it first
+                     {1: killed, 0: process_failure(130, timestamp=101)},  # rank 0 stopped by torchrun after
+                     {1: killed, 0: process_failure(-15)}):
+        with pytest.raises(distributed.JobFailed, match=r"^process rank 1 \(pid 7\) was killed by SIGKILL"):
+            distributed.failure(failures)
+    assert distributed.failure({0: process_failure(2), 1: process_failure(-15)}) == 2  # rank 0 said why
+    assert distributed.failure({1: process_failure(2), 0: process_failure(2)}) == 2
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "stderr.log").write_text("loading\nerror: data.root /x: no such folder; fix it\n")
+    rank1 = str(tmp_path / "1" / "error.json")
+    with pytest.raises(CnnlabError, match=r"^data.root /x: no such folder; fix it$"):
+        distributed.failure({1: process_failure(2, error_file=rank1), 0: process_failure(130)})
+    (tmp_path / "1" / "stderr.log").write_text("Traceback (most recent call last):\nZeroDivisionError\n")
+    with pytest.raises(distributed.JobFailed, match=r"rank 1 .* exited with code 1 \(its output: .*stderr.log\)"):
+        distributed.failure({0: process_failure(distributed.LOST_EXIT), 1: process_failure(1, error_file=rank1)})
 
 
 # ----------------------------------------------------------------------------- bad input

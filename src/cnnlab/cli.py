@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
             print(f"error: rank {distributed.world_from_env().rank}: another process of the job stopped or was killed "
                   f"({str(e).splitlines()[0][:200]}); see its output; continue with: cnnlab train --resume {out}",
                   file=sys.stderr)
-        return 1
+        return distributed.LOST_EXIT
     if res.run_dir is None:  # a data-parallel process other than rank 0
         return 0
     r = res.result

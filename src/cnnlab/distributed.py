@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +35,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 TIMEOUT_S = 300
 # set for the workers cnnlab's own launcher starts: it reports a lost process itself
 LAUNCHER_ENV = "CNNLAB_LAUNCHER"
+LOST_EXIT = 3  # a worker's exit code when another process of the job was lost
 
 
 @dataclass(frozen=True)
@@ -275,23 +277,38 @@ def launch(nproc: int, worker_args: list[str], port: int | None = None) -> int:
         try:
             torchrun.run(args)
         except ChildFailedError as e:
-            return failure(e.failures, *e.get_first_failure())
+            return failure(e.failures)
         except SignalException:  # Ctrl-C or SIGTERM: torchrun passed it on to the workers
             return 130
     return 0
 
 
-def failure(failures: dict, rank: int, f) -> int:
-    """The exit code of a failed job (torchrun's ProcessFailure by rank; rank ``rank``'s ``f`` came
-    first): rank 0's own when it printed why (2 bad input, 130 interrupted); another rank's bad input
-    raised as a CnnlabError with its line; JobFailed for anything else."""
-    if 0 in failures and failures[0].exitcode in (2, 130):
-        return failures[0].exitcode
+def root_cause(failures: dict) -> tuple[int, object]:
+    """The failure that ended a job, from torchrun's ProcessFailure by rank (in the order it saw
+    them; the processes it stopped afterwards are there too): a process killed by a signal torchrun
+    does not send, else one that failed by itself, else one stopped or cut off by another's end."""
+    stopped = (130, LOST_EXIT, -signal.SIGTERM, -signal.SIGINT)
+
+    def order(item):
+        f = item[1]
+        return (0 if f.exitcode < 0 and f.exitcode not in stopped else 1 if f.exitcode not in stopped else 2,
+                f.timestamp)
+
+    return min(failures.items(), key=order)
+
+
+def failure(failures: dict) -> int:
+    """The exit code of a failed job: rank 0's own when it printed why (2 bad input, 130 interrupted);
+    another rank's bad input raised as a CnnlabError with its line; JobFailed for anything else."""
+    rank, f = root_cause(failures)
+    if f.exitcode in (2, 130) and (rank == 0 or getattr(failures.get(0), "exitcode", None) == f.exitcode):
+        return f.exitcode
     log = Path(f.error_file or "").parent / "stderr.log"  # where torchrun put a rank > 0's output
     lines = log.read_text(errors="replace").strip().splitlines() if rank and log.is_file() else []
     if f.exitcode == 2 and lines and lines[-1].startswith("error: "):
         raise CnnlabError(lines[-1].removeprefix("error: "))
-    how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+    how = (f"was killed by {f.signal_name()}" if f.exitcode < 0 else
+           "was interrupted (SIGTERM or Ctrl-C)" if f.exitcode == 130 else f"exited with code {f.exitcode}")
     where = f" (its output: {log})" if lines else ""
     raise JobFailed(f"process rank {rank} (pid {f.pid}) {how}{where}; every process of the job stopped")
 
