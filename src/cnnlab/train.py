@@ -378,7 +378,7 @@ def set_rng_state(gen: torch.Generator, state: dict, log=print) -> None:
             f"the batches differ from an uninterrupted run")
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # saved on a machine with more GPUs
 
 
 def checkpoint(s: Setup, st: RunState) -> dict:
