@@ -312,3 +312,26 @@ def test_loader_alternate_flip_shows_each_image_both_ways_over_two_epochs():
     same = Loader(images, torch.arange(n), 16, [0.0], [1.0], seed=3, augment=Augment(flip=True, alternate_flip=True))
     other = Loader(images, torch.arange(n), 16, [0.0], [1.0], seed=4, augment=Augment(flip=True, alternate_flip=True))
     assert torch.equal(same.flip_start, loader.flip_start) and not torch.equal(other.flip_start, loader.flip_start)
+
+
+@pytest.mark.parametrize("flips", [dict(flip=True), dict(flip=True, alternate_flip=True)])
+@pytest.mark.parametrize("world", [2, 4])
+def test_loader_shards_put_together_are_the_one_process_batches(world, flips):
+    """Data-parallel ranks each take their consecutive part of every batch of the same permutation,
+    cropped, flipped and cut out exactly as the one-process loader does to those images."""
+    n, bs = 96, 16
+    images = batch(n=n, c=3, h=8, w=8)
+    common = dict(augment=Augment(crop_pad=2, cutout=3, cutout_p=0.5, **flips), shuffle=True, drop_last=True, seed=5)
+    one = Loader(images, torch.arange(n), bs, [0.5] * 3, [0.25] * 3, **common)
+    parts = [Loader(images, torch.arange(n), bs, [0.5] * 3, [0.25] * 3, rank=r, world_size=world, **common)
+             for r in range(world)]
+    for epoch in (1, 2):
+        whole = list(one.epoch(gen(7), epoch))
+        shards = [list(p.epoch(gen(7), epoch)) for p in parts]
+        assert all(len(p) == len(one) == n // bs and p.images_per_epoch == n for p in parts)
+        for i, (x, y) in enumerate(whole):
+            assert all(len(s[i][1]) == bs // world for s in shards)
+            assert torch.equal(torch.cat([s[i][1] for s in shards]), y)
+            assert torch.equal(torch.cat([s[i][0] for s in shards]), x)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        Loader(images, torch.arange(n), bs, [0.5] * 3, [0.25] * 3, rank=0, world_size=3, **common)

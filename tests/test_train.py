@@ -134,7 +134,8 @@ def test_short_mnist_run_exceeds_97_percent_and_writes_a_complete_run_dir(tmp_pa
     assert (result["device"], result["dtype"], result["torch_version"]) == ("cpu", "float32", torch.__version__)
     assert re.fullmatch(r"[0-9a-f]{40}", result["git_commit"] or ""), result["git_commit"]
     assert result["git_dirty"] in (True, False)  # uncommitted changes to tracked files, when it started
-    assert result["code"] == [{"commit": result["git_commit"], "dirty": result["git_dirty"], "from_epoch": 1}]
+    assert result["code"] == [{"commit": result["git_commit"], "dirty": result["git_dirty"], "from_epoch": 1,
+                              "processes": 1}]
 
     # last.pt rebuilds the model, which scores exactly what was recorded on the test set
     last = runs.load_checkpoint(out, "last")
@@ -668,8 +669,8 @@ def test_threads_setting_applies_to_the_run_only(monkeypatch, mnist_ok):
     seen = {}
     real_setup = train_mod.setup
 
-    def spy(cfg, model=None, log=print):
-        s = real_setup(cfg, model, log)
+    def spy(cfg, model=None, log=print, **kw):
+        s = real_setup(cfg, model, log, **kw)
         seen["threads"] = torch.get_num_threads()
         return s
 

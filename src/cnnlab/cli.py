@@ -51,12 +51,12 @@ def cmd_summary(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from cnnlab import config, runs, train
+    from cnnlab import config, distributed, runs, train
 
     if args.resume:
         if args.recipe or args.set or args.out or args.overwrite or args.quiet:
             raise CnnlabError("--resume continues a run in its own directory with its saved config; "
-                              "pass only --resume RUN_DIR")
+                              "pass only --resume RUN_DIR (and --nproc, --backend, --master-port)")
         out = args.resume
         cfg = None
     else:
@@ -66,17 +66,57 @@ def cmd_train(args) -> int:
         if args.quiet:
             cfg.train.quiet = True
         out = args.out or f"runs/{Path(args.recipe).stem}"
+    if args.nproc is not None:
+        return launch_train(args, cfg, out)
+    if args.master_port is not None:
+        raise CnnlabError("--master-port goes with --nproc N (cnnlab starts the processes); under your own "
+                          "torchrun pass --rdzv-endpoint HOST:PORT to torchrun")
     try:
         with sigterm_as_ctrl_c():
-            res = train.train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite)
+            res = train.train(cfg, out, resume=bool(args.resume), overwrite=args.overwrite, backend=args.backend)
     except train.Interrupted:
         return 130
+    except RuntimeError as e:  # only a lost process of a data-parallel job; anything else is a bug: re-raised
+        if not distributed.peer_lost(e):
+            raise
+        if distributed.report_peer_lost():
+            print(f"error: rank {distributed.world_from_env().rank}: another process of the job stopped or was killed "
+                  f"({str(e).splitlines()[0][:200]}); see its output; continue with: cnnlab train --resume {out}",
+                  file=sys.stderr)
+        return distributed.LOST_EXIT
+    if res.run_dir is None:  # a data-parallel process other than rank 0
+        return 0
     r = res.result
     ttt = f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None else "not reached"
     print(f"{r['model']} on {r['dataset']}: final {r['eval_split']} acc {runs.final_acc(r):.2%}, best "
           f"{runs.best_acc(r):.2%}, {r['train_seconds']:.1f} s training ({r['wall_seconds']:.1f} s on the wall), "
           f"time to target: {ttt}; run: {out}")
     return 0
+
+
+def launch_train(args, cfg, out) -> int:
+    """``cnnlab train ... --nproc N``: check what can be checked here, then run the same command in N
+    processes through torchrun; a process that dies ends the job with one line naming it."""
+    from cnnlab import config, data, distributed, runs, train
+
+    run_dir = Path(out).parent if Path(out).is_file() else Path(out)
+    if cfg is None:
+        cfg = config.from_dict(runs.load_checkpoint(Path(out))["config"])
+    else:
+        train.check_out_dir(run_dir, args.overwrite)
+    distributed.check_launch(cfg, args.nproc, args.backend, args.master_port)
+    # fetched and cached here once, rather than by every process at the same time
+    data.load_dataset(cfg.data.dataset, root=cfg.data.root or None, val_split=cfg.data.val_split, log=lambda *a: None)
+    worker = (["train", "--resume", str(out)] if args.resume else
+              ["train", args.recipe, "--out", str(out), *(a for v in args.set for a in ("--set", v)),
+               *(["--overwrite"] if args.overwrite else []), *(["--quiet"] if args.quiet else [])])
+    try:
+        return distributed.launch(args.nproc, [*worker, "--backend", args.backend], args.master_port)
+    except distributed.JobFailed as e:
+        saved = len(runs.read_metrics(run_dir))
+        print(f"error: {e}; " + (f"last.pt holds epoch {saved}: continue with: cnnlab train --resume {run_dir}"
+                                 if saved else "no epoch was saved"), file=sys.stderr)
+        return 1
 
 
 @contextlib.contextmanager
@@ -300,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel: N processes on this machine through torchrun (data.batch_size is the "
+                        "global batch; each process gets cores / N threads unless train.threads says)")
+    t.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="process group backend: auto (default) is gloo on CPU, NCCL for CUDA tensors")
+    t.add_argument("--master-port", type=int, metavar="PORT",
+                   help="with --nproc: the rendezvous port on this machine (default: a free one)")
     t.set_defaults(func=cmd_train)
 
     f = sub.add_parser("lr-find", help="LR range test: suggest a learning rate for a recipe")

@@ -112,6 +112,7 @@ class TrainConfig:
     tta_shift: int = 0  # also average over the image shifted by +-N pixels along the diagonal (0 = off)
     tta_each_epoch: bool = True  # false: one view per epoch, the TTA views at the last epoch only (wall time)
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    sync_bn: bool = False  # several CUDA processes: BatchNorm statistics over the global batch (SyncBatchNorm)
     quiet: bool = False
 
 

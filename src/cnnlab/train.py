@@ -7,6 +7,10 @@ plateau), save ``last.pt`` (and ``best.pt``) and ``metrics.jsonl``, print the ta
 ``train(cfg, out, resume=True)`` restores the ``RunState``, optimizer and RNG states from
 ``last.pt``, so a resumed CPU run ends with the same metrics as one that was never interrupted.
 
+Data-parallel (under torchrun, ``cnnlab train --nproc N``): every process runs this loop on its part
+of each global batch through DDP (``distributed``); evaluation is sharded and gathered, so every
+process reaches the same decisions (best, target, plateau); rank 0 alone writes and prints.
+
 Accuracy is named for the split it was measured on: ``val_acc`` when the recipe holds out a
 validation split (``data.val_split``), ``test_acc`` otherwise (then ``best.pt``, ``patience`` and
 ``stop_at_target`` select on the test set, and result.json says so).
@@ -29,10 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab import config as config_mod
-from cnnlab import models, muon, runs
+from cnnlab import distributed, models, muon, runs
 from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
 from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
+from cnnlab.distributed import World
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, predict
 from cnnlab.schedules import lr_at
@@ -108,6 +113,8 @@ class Setup:
     ema: torch.nn.Module | None = None
     scaler: torch.amp.GradScaler | None = None
     gen: torch.Generator | None = None  # augmentation and shuffling, on the training device
+    world: World = field(default_factory=World)
+    parallel: distributed.DataParallel | None = None  # DDP around ``forward`` with several processes
 
     @property
     def split(self) -> str:
@@ -170,22 +177,28 @@ def load_data(cfg: Config, log=print) -> tuple[Config, Dataset]:
     return cfg, ds
 
 
-def make_loaders(cfg: Config, ds: Dataset, device: torch.device) -> tuple[Loader, Loader]:
+def make_loaders(cfg: Config, ds: Dataset, device: torch.device, world: World = World()) -> tuple[Loader, Loader]:
+    """The training loader (this process's part of every batch) and the evaluation loader (its part of the split)."""
     aug = Augment(cfg.data.crop_pad, cfg.data.crop_mode, cfg.data.flip, cfg.data.cutout, cfg.data.cutout_p,
                   cfg.data.alternate_flip)
     common = dict(device=device, channels_last=cfg.train.channels_last)
     train_loader = Loader(ds.train.images, ds.train.labels, cfg.data.batch_size, ds.mean, ds.std,
                           augment=aug, shuffle=True, drop_last=len(ds.train) > cfg.data.batch_size,
-                          seed=cfg.train.seed, **common)
-    eval_loader = Loader(ds.test.images, ds.test.labels, cfg.data.eval_batch_size, ds.mean, ds.std, **common)
+                          seed=cfg.train.seed, rank=world.rank, world_size=world.size, **common)
+    part = distributed.shard(len(ds.test), world)
+    eval_loader = Loader(ds.test.images[part], ds.test.labels[part], cfg.data.eval_batch_size, ds.mean, ds.std,
+                         **common)
     return train_loader, eval_loader
 
 
-def setup(cfg: Config, model: torch.nn.Module | None = None, log=print) -> Setup:
-    """Load data, build (or take) and check the model, loaders, optimizer and helpers for ``cfg``."""
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: World = World()) -> Setup:
+    """Load data, build (or take) and check the model, loaders, optimizer and helpers for ``cfg``
+    (in process ``world.rank`` of a data-parallel run)."""
+    threads = cfg.train.threads or world.threads  # 0: torch's default
+    if threads:
+        torch.set_num_threads(threads)
+    distributed.check_batch(cfg.data.batch_size, world.size)
+    device = distributed.place(world, resolve_device(cfg.train.device))
     dtype = DTYPES[cfg.train.dtype]
     if model is None:
         check_budget(cfg)  # [model] max_params / max_macs, before any data is loaded
@@ -195,20 +208,22 @@ def setup(cfg: Config, model: torch.nn.Module | None = None, log=print) -> Setup
         model = models.build(cfg.model.name, cfg.model.options, ds.num_classes, ds.shape)
     summary = check_model(model, cfg.model.name, ds.shape, ds.num_classes, ds.name, cfg.model.max_params,
                           cfg.model.max_macs)  # one-line errors: channels, map too small, output, budgets
-    train_loader, eval_loader = make_loaders(cfg, ds, device)
+    train_loader, eval_loader = make_loaders(cfg, ds, device, world)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     n = min(len(ds.train), 5000)
     models.init_from_data(model, normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
+    model = distributed.sync_batchnorm(model, world, device, cfg.train.sync_bn)
+    forward = torch.compile(model) if cfg.train.compile else model
     return Setup(cfg, ds, model, train_loader, eval_loader, build_optimizer(model, cfg.optim), device, dtype,
-                 summary.to_text(), summary.total_params, summary.macs,
-                 forward=torch.compile(model) if cfg.train.compile else model,
+                 summary.to_text(), summary.total_params, summary.macs, forward=forward,
                  ema=copy.deepcopy(model).eval() if cfg.train.ema else None,
                  # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (scaler disabled)
                  scaler=grad_scaler(device, dtype),
                  # augmentation draws on the training device: no host-device copy (and sync) per batch on a GPU
-                 gen=torch.Generator(device=device).manual_seed(cfg.train.seed))
+                 gen=torch.Generator(device=device).manual_seed(cfg.train.seed), world=world,
+                 parallel=distributed.DataParallel(forward, device) if world.size > 1 else None)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -347,7 +362,7 @@ def set_rng_state(gen: torch.Generator, state: dict, log=print) -> None:
             f"the batches differ from an uninterrupted run")
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # saved on a machine with more GPUs
 
 
 def checkpoint(s: Setup, st: RunState) -> dict:
@@ -396,7 +411,7 @@ def result_json(s: Setup, st: RunState, status: str) -> dict:
         f"final_{split}_loss": last.get(f"{split}_loss"), "train_seconds": st.train_seconds,
         "wall_seconds": st.wall_seconds, "target": cfg.train.target or None,
         "time_to_target_s": st.time_to_target_s, "target_epoch": st.target_epoch, "seed": cfg.train.seed,
-        "device": str(s.device), "dtype": cfg.train.dtype, "threads": torch.get_num_threads(),
+        "device": str(s.device), "dtype": cfg.train.dtype, "threads": torch.get_num_threads(), "processes": s.world.size,
         "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "batch_size": cfg.data.batch_size,
         "torch_version": torch.__version__, "git_commit": st.code[0]["commit"],
         "git_dirty": any(c["dirty"] for c in st.code), "code": st.code,
@@ -419,19 +434,21 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
     cfg, model, opt, device = s.cfg, s.model, s.optimizer, s.device
     model.train()
     models.start_epoch(model, epoch)  # a model's own per-epoch rule (airbench: freeze the whitening bias)
+    forward = s.parallel.wrapper() if s.parallel is not None else s.forward
     steps_per_epoch, total = len(s.train_loader), len(s.train_loader) * cfg.train.epochs
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, lr = 0, 0.0
     sync(device)
     t0 = time.perf_counter()
-    with _progress(steps_per_epoch, epoch, cfg.train.quiet) as bar:
+    with _progress(steps_per_epoch, epoch, cfg.train.quiet or not s.world.main) as bar:
         for i, (x, y) in enumerate(s.train_loader.epoch(s.gen, epoch)):
             step = (epoch - 1) * steps_per_epoch + i
             lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
             set_lr(opt, lr, mom)
-            logits, loss = forward_loss(s.forward, x, y, s.dtype, cfg.optim.label_smoothing)
-            if device.type == "cpu" and not torch.isfinite(loss):  # free on CPU; on CUDA the epoch-end check
+            logits, loss = forward_loss(forward, x, y, s.dtype, cfg.optim.label_smoothing)
+            # free on one CPU process; on CUDA, and with several processes (all must stop together), the epoch-end check
+            if device.type == "cpu" and s.world.size == 1 and not torch.isfinite(loss):
                 raise _Diverged(epoch, i + 1, float(loss.detach()), lr)
             backward_step(model, opt, s.scaler, loss, cfg.optim.grad_clip)
             if cfg.train.lookahead:
@@ -448,7 +465,8 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
     sync(device)
     seconds = time.perf_counter() - t0
     st.train_seconds += seconds
-    return {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+    loss_sum, correct, seen = distributed.sum_over(s.world, loss_sum, correct, torch.tensor(seen, device=device))
+    return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
             "epoch_seconds": seconds, "train_seconds": st.train_seconds}
 
 
@@ -461,8 +479,9 @@ def evaluate_epoch(s: Setup, row: dict) -> None:
         row.update({f"{split}_loss": None, f"{split}_acc": None})
         return
     tta = cfg.tta_each_epoch or last
-    logits, labels = predict(s.ema if s.ema is not None else s.forward, s.eval_loader, cfg.tta and tta, s.dtype,
-                             cfg.tta_shift if tta else 0)
+    distributed.share_buffers(s.world, s.model, s.ema)
+    logits, labels = distributed.gather(s.world, *predict(s.ema if s.ema is not None else s.forward, s.eval_loader,
+                                                          cfg.tta and tta, s.dtype, cfg.tta_shift if tta else 0))
     loss, acc = loss_and_accuracy(logits, labels)
     if not (math.isfinite(loss) and all_finite(s.model)):
         raise _Diverged(epoch, len(s.train_loader), loss, row["lr"], "evaluation loss")
@@ -516,38 +535,48 @@ def run_epoch(out: Path | None, s: Setup, st: RunState, epoch: int, say) -> None
 
 def train(cfg: Config | None = None, out: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, model: torch.nn.Module | None = None,
-          on_epoch: Callable[[dict], None] | None = None, log=print) -> RunResult:
+          on_epoch: Callable[[dict], None] | None = None, backend: str = "auto", log=print) -> RunResult:
     """Train per ``cfg`` into run directory ``out`` (None: nothing written); return the history.
 
     With ``resume``, ``cfg`` may be None: the config comes from ``out/last.pt``. ``model``: a ready
     module to train instead of the one ``cfg.model`` names (pass it again to resume). ``on_epoch(row)``
     runs after each epoch is saved and may raise ``StopRun`` to end the run there. ``train.threads``
     applies for the run only: torch's thread count is given back afterwards.
+
+    Under torchrun (several processes) every process calls ``train``: it joins the process group
+    (``backend``: auto, gloo or nccl) and trains its part of each batch; rank 0 alone writes ``out``,
+    prints and runs ``on_epoch`` (its StopRun stops every process); the other ranks' RunResult has
+    no run directory. A checkpoint resumes with any number of processes.
     """
-    with torch_threads(0):  # setup() applies train.threads (read from the checkpoint on resume)
-        return _train(cfg, out, resume, overwrite, model, on_epoch, log)
+    with torch_threads(0), distributed.session(backend) as world:  # setup() applies train.threads
+        return _train(cfg, out, resume, overwrite, model, on_epoch, log, world)
 
 
-def _train(cfg, out, resume, overwrite, model, on_epoch, log) -> RunResult:
+def _train(cfg, out, resume, overwrite, model, on_epoch, log, world: World) -> RunResult:
     out = Path(out) if out is not None else None
     ckpt = open_resume(out) if resume else None
     if ckpt is not None:
         out, cfg = out.parent if out.is_file() else out, config_mod.from_dict(ckpt["config"])
     elif resume:  # stopped (kill -9) before its first checkpoint: start again from its recipe
         cfg = config_mod.load_recipe(out / "config.toml")
-    elif out is not None:
+    elif out is not None and world.main:  # the others would race rank 0 clearing the folder
         check_out_dir(out, overwrite)
+    if world.size > 1:
+        on_epoch = rank0_callback(world, on_epoch)
+    if not world.main:  # rank 0 alone writes the run directory and speaks
+        out, log = None, (lambda *a, **k: None)
     say = (lambda *a, **k: None) if cfg.train.quiet else log
-    s = setup(cfg, model, log=say)
+    s = setup(cfg, model, log=say, world=world)
     st = restore(s, ckpt, out, log) if ckpt is not None else RunState()
+    distributed.fork_rng(world)
     if st.stopped:
         say(f"{out} already finished ({st.stopped}); nothing to resume")
-        return RunResult(out, st.history, runs.read_result(out))
+        return RunResult(out, st.history, runs.read_result(out) if out is not None else {})
     if ckpt is not None:
         say(f"resuming {out} at epoch {st.epoch + 1}")
     elif out is not None:
         clear_run_dir(out)
-    st.code.append({**runs.git_state(), "from_epoch": st.epoch + 1})
+    st.code.append({**runs.git_state(), "from_epoch": st.epoch + 1, "processes": world.size})
     if out is not None:
         runs.write_text(out / "config.toml", config_mod.to_toml(s.cfg))
         runs.write_text(out / "summary.txt", s.summary_text + "\n")
@@ -571,6 +600,26 @@ def _train(cfg, out, resume, overwrite, model, on_epoch, log) -> RunResult:
     except StopRun as stop:
         return finish(out, s, st, stop.status)
     return finish(out, s, st, "target" if st.time_to_target_s is not None else "done")
+
+
+def rank0_callback(world: World, on_epoch: Callable[[dict], None] | None) -> Callable[[dict], None] | None:
+    """``on_epoch`` as every process of a data-parallel run calls it: rank 0 runs it (it may write or
+    ask a server) and its StopRun, if any, is raised in every process, so all stop together."""
+    if on_epoch is None:
+        return None
+
+    def call(row: dict) -> None:
+        status = None
+        if world.main:
+            try:
+                on_epoch(row)
+            except StopRun as stop:
+                status = stop.status
+        status = distributed.broadcast(world, status)
+        if status is not None:
+            raise StopRun(status)
+
+    return call
 
 
 def open_resume(out: Path | None) -> dict | None:
