@@ -109,6 +109,34 @@ def test_strict_refuses_unverified_idx(cache_root, tiny_mnist_dir):
     assert not (cache_root / "mnist" / "tensors.pt").exists()
 
 
+def test_what_a_killed_acquisition_left_is_cleaned_by_the_next(cache_root, tiny_mnist_dir):
+    """kill -9 during ``data get`` leaves its hidden staging folder; the next acquisition removes it."""
+    left = cache_root / "mnist" / ".staging-killed" / "raw"
+    left.mkdir(parents=True)
+    (left / "train-images-idx3-ubyte").write_bytes(bytes(1000))
+    acquire("mnist", cache_root, tiny_mnist_dir.folder)
+    assert stray(cache_root) == []
+    assert load("mnist", cache_root)[0].train.images.shape == (24, 1, 28, 28)
+
+
+def test_a_second_acquisition_of_a_dataset_waits_for_the_first(cache_root, tiny_mnist_dir):
+    """The lock is held as a running ``data get`` holds it; another must wait, not clean its staging."""
+    import fcntl
+    import threading
+    (cache_root / "mnist").mkdir()
+    with open(cache_root / "mnist" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        running = cache_root / "mnist" / ".staging-running"
+        running.mkdir()
+        second = threading.Thread(target=acquire, args=("mnist", cache_root, tiny_mnist_dir.folder))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and running.is_dir() and not (cache_root / "mnist" / "raw").exists()
+        running.rmdir()  # the first one finishes
+    second.join(timeout=30)
+    assert not second.is_alive() and (cache_root / "mnist" / "raw").is_dir()
+
+
 # ----------------------------------------------------------------------------- CIFAR
 
 

@@ -100,6 +100,28 @@ def test_gzip_idx_files(tmp_path, writers, data, flip):
         only_cnnlab_errors(lambda: formats.parse_idx(formats.read_idx_bytes(path), path))
 
 
+def test_gzip_bomb_idx_is_read_no_further_than_its_header(tmp_path):
+    """A 50 KiB .gz whose header says 10 x 10 x 10 images but which inflates to 50 MiB: the reader
+    stops one byte past the 1,000 claimed, so memory stays small and the error names the file."""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(idx(b"\0\0\x08\x03", [10, 10, 10], b""))
+        for _ in range(50):
+            f.write(bytes(1 << 20))
+    assert path.stat().st_size < 100_000
+    data = formats.read_idx_bytes(path)
+    assert len(data) == 16 + 1000 + 1
+    msg = only_cnnlab_errors(lambda: formats.parse_idx(data, path))
+    assert msg and "train-images-idx3-ubyte.gz" in msg and "1016" in msg
+
+
+def test_idx_header_claiming_more_than_any_dataset_is_refused_before_reading(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(idx(b"\0\0\x08\x03", [2**20, 2**10, 2**10], bytes(100))))
+    msg = only_cnnlab_errors(lambda: formats.read_idx_bytes(path))
+    assert msg and "train-images-idx3-ubyte.gz" in msg and "claims 1,099,511,627,776 bytes" in msg
+
+
 # ----------------------------------------------------------------------------- CIFAR pickles
 
 

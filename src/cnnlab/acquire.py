@@ -8,6 +8,8 @@ they replace anything, so a failed or interrupted acquisition leaves the cache a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import json
 import os
@@ -89,7 +91,7 @@ def get_dataset(name: str, root: str | Path | None = None, from_path: str | Path
     folder = data_root(root) / name
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as tmp:
+        with _only_acquirer(folder), tempfile.TemporaryDirectory(dir=folder, prefix=".staging-") as tmp:
             staging = Path(tmp) / "raw"
             staging.mkdir()
             source, ds = _stage(info, from_path, staging, timeout)
@@ -111,6 +113,18 @@ def get_dataset(name: str, root: str | Path | None = None, from_path: str | Path
     state = "verified against the release checksums" if ds.verified else "UNVERIFIED: checksums differ from the release"
     log(f"{name}: {len(ds.train)} train / {len(ds.test) if ds.test else 0} test images from {source} ({state})")
     return record
+
+
+@contextlib.contextmanager
+def _only_acquirer(folder: Path):
+    """Hold an exclusive lock on ``folder/.lock`` while acquiring: a second ``data get`` of the same
+    dataset waits for the first. Under the lock, a ``.staging-*`` folder can only be what a killed
+    acquisition left behind, so it is deleted."""
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        for stale in folder.glob(".staging-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
 
 
 def _stage(info: DatasetInfo, from_path, staging: Path, timeout: float) -> tuple[str, Dataset]:

@@ -23,6 +23,7 @@ from cnnlab.datasets import (CIFAR_LABEL_KEY, CIFAR_META, CIFAR_TEST, CIFAR_TRAI
                              DatasetInfo, Split)
 from cnnlab.errors import CnnlabError
 
+MAX_IDX_BYTES = 1 << 32  # 4 GiB: EMNIST, the largest IDX dataset, is under 1 GiB
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
@@ -44,12 +45,23 @@ def md5_file(path: Path) -> str:
 
 
 def read_idx_bytes(path: Path) -> bytes:
-    """The uncompressed bytes of an IDX file, raw or .gz."""
+    """The uncompressed bytes of an IDX file, raw or .gz, read no further than its header says
+    (plus one byte, so ``parse_idx`` sees that there is more): a small .gz that inflates without
+    end (a gzip bomb) costs no more memory than the file it claims to be, and a header claiming
+    more than ``MAX_IDX_BYTES`` is refused before anything is read."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\0\0\x08" or head[3] not in (1, 3):
+                return head  # parse_idx names the wrong magic number
+            head += f.read(4 * head[3])
+            dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(head[3])]
+            size = math.prod(dims)
+            if size > MAX_IDX_BYTES:
+                raise CnnlabError(f"{path}: its header {dims} claims {size:,} bytes of data, more than any image "
+                                  f"dataset this reads ({MAX_IDX_BYTES:,}); the file is damaged or not an IDX file: "
+                                  f"fetch it again with `cnnlab data get`")
+            return head + f.read(size + 1)
     except (OSError, EOFError, zlib.error) as e:  # gzip raises these for truncated or damaged archives
         raise CnnlabError(f"{path}: cannot read ({e}); expected an IDX file, raw or gzip: "
                           f"fetch it again with `cnnlab data get`") from None
