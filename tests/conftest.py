@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import signal
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,3 +364,10 @@ def interrupt_at_epoch(monkeypatch):
         return lambda: monkeypatch.setattr(train_mod, "_progress", original)
 
     return arm
+
+
+def sigint_as_default() -> None:
+    """``preexec_fn`` for a child the test stops with SIGINT (Ctrl-C): a shell that starts pytest as a
+    background job (``make test &`` in a script) starts it with SIGINT ignored, the child would inherit
+    that and never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

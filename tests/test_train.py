@@ -34,7 +34,7 @@ from cnnlab.evaluate import loss_and_accuracy, predict
 from cnnlab.models import create_model
 from cnnlab.summary import summarize
 from cnnlab.train import Interrupted, train
-from conftest import assert_one_line_error, snapshot
+from conftest import assert_one_line_error, sigint_as_default, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -270,7 +270,8 @@ def test_stop_signal_saves_state_and_resume_completes(sig, tmp_path, capsys, mni
     sets = TINY + ["train.epochs=3", "data.subset=2298"]
     cmd = [sys.executable, "-m", "cnnlab.cli", "train", str(TINY_RECIPE), "--out", str(out), "--quiet"]
     cmd += sum((["--set", s] for s in sets), [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=sigint_as_default)
     try:
         deadline = time.monotonic() + 120
         while not (runs.read_metrics(out) and (out / "last.pt").is_file() and (out / "best.pt").is_file()):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_as_default
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -251,7 +252,7 @@ def interrupted_run(recipe: Path, out: Path, cwd: Path) -> None:
     """``cnnlab train`` in its own process, Ctrl-C (SIGINT) once the first epoch is saved."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "CNNLAB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab.cli", "train", str(recipe), "--out", str(out)], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_default)
     deadline = time.time() + 300
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
