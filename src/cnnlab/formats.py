@@ -44,6 +44,11 @@ def md5_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def idx_dims(data: bytes) -> list[int]:
+    """The dimensions in an IDX header (big-endian uint32s after the 4-byte magic; data[3] of them)."""
+    return [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(data[3])]
+
+
 def read_idx_bytes(path: Path) -> bytes:
     """The uncompressed bytes of an IDX file, raw or .gz, read no further than its header says
     (plus one byte, so ``parse_idx`` sees that there is more): a small .gz that inflates without
@@ -55,7 +60,7 @@ def read_idx_bytes(path: Path) -> bytes:
             if len(head) < 4 or head[:3] != b"\0\0\x08" or head[3] not in (1, 3):
                 return head  # parse_idx names the wrong magic number
             head += f.read(4 * head[3])
-            dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(head[3])]
+            dims = idx_dims(head)
             size = math.prod(dims)
             if size > MAX_IDX_BYTES:
                 raise CnnlabError(f"{path}: its header {dims} claims {size:,} bytes of data, more than any image "
@@ -76,7 +81,7 @@ def parse_idx(data: bytes, path: Path) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(data) < header:
         raise CnnlabError(f"{path}: truncated header ({len(data)} bytes); expected {header}")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = idx_dims(data)
     expected = header + math.prod(dims)  # exact: numpy's int64 product wraps (2^31 * 2^31 * 4 = 0)
     if len(data) != expected:
         raise CnnlabError(f"{path}: {len(data)} bytes but its header {dims} needs {expected}; "
