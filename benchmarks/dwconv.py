@@ -32,22 +32,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cnnlab import dwconv  # noqa: E402
-from cnnlab.bench import cpu_name  # noqa: E402
+from cnnlab.bench import copy_bandwidth_gbs, cpu_name, interleaved_step_times  # noqa: E402
 from cnnlab.evaluate import autocast  # noqa: E402
 from cnnlab.layers import DepthwiseConv2d  # noqa: E402
 from cnnlab.models import create_model  # noqa: E402
-
-
-def copy_bandwidth(repeats: int, clock, mib: int = 256) -> float:
-    """GB/s of a large tensor copy, counting the bytes read and the bytes written."""
-    src = torch.ones(mib * 2**20 // 4)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        dst.copy_(src)
-        times.append(clock() - t0)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
 def depthwise_layers(batch: int) -> list[dict]:
@@ -119,18 +107,7 @@ def step_times(batch: int, dtype: torch.dtype, repeats: int, clock) -> dict:
             if isinstance(m, DepthwiseConv2d):
                 m.fast = fast
         setups[name] = (model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
-    times = {name: [] for name in setups}
-    for i in range(repeats + 1):
-        for name, (model, opt) in setups.items():
-            t0 = clock()
-            with autocast(torch.device("cpu"), dtype):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i:
-                times[name].append(clock() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_step_times(setups, x, y, dtype, repeats, clock)
 
 
 def main() -> None:
@@ -145,7 +122,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not dwconv.available():
         sys.exit("the fast kernel could not be built; see the warning above")
-    bandwidth = copy_bandwidth(args.repeats, clock)
+    bandwidth = copy_bandwidth_gbs(args.repeats, clock)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"copy bandwidth {bandwidth:.1f} GB/s (read + write); {'CPU' if args.cpu_time else 'wall'} time\n")
     print("| layer (N, C, H, W) -> Co, stride, pad | dtype | variant | fwd ms | bwd ms | fwd GFLOP/s | bwd GFLOP/s "

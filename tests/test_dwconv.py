@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab import dwconv
+from cnnlab import dwconv, ext
 from cnnlab.evaluate import autocast
 from cnnlab.layers import DepthwiseConv2d
 
@@ -153,13 +153,13 @@ def test_layer_given_the_wrong_channel_count_raises_as_torch_does():
 
 
 def test_a_failed_build_warns_once_and_the_layer_falls_back(monkeypatch):
-    def no_compiler(source, directory):
-        raise dwconv.BuildError("no C++ compiler (c++) found")
+    def no_compiler(source, directory, name):
+        raise ext.BuildError("no C++ compiler (c++) found")
 
-    monkeypatch.setattr(dwconv, "build", no_compiler)
-    dwconv.available.cache_clear()
+    monkeypatch.setattr(ext, "build", no_compiler)
+    ext.load.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="could not be built.*no C\\+\\+ compiler"):
+        with pytest.warns(RuntimeWarning, match="depthwise convolution could not be built.*no C\\+\\+ compiler"):
             assert not dwconv.available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a second call is answered from the cache, silently
@@ -170,23 +170,7 @@ def test_a_failed_build_warns_once_and_the_layer_falls_back(monkeypatch):
         assert "DepthwiseConv3x3" not in type(y.grad_fn).__name__
         torch.testing.assert_close(y, F.conv2d(x, conv.weight, None, 1, 1, 1, 4), rtol=1e-5, atol=1e-5)
     finally:
-        dwconv.available.cache_clear()
-
-
-def test_build_errors_are_reported_not_raised_raw(tmp_path, monkeypatch):
-    with pytest.raises(dwconv.BuildError, match="Error building"):
-        dwconv.build("#error this source does not compile\n", tmp_path / "broken", name="cnnlab_dwconv_broken")
-    monkeypatch.setenv("CXX", "no-such-compiler-here")
-    with pytest.raises(dwconv.BuildError, match="no C\\+\\+ compiler"):
-        dwconv.build("", tmp_path / "none", name="cnnlab_dwconv_none")
-
-
-def test_cache_folder_is_keyed_by_source_and_cpu(monkeypatch):
-    a = dwconv.build_dir("int a;")
-    assert dwconv.build_dir("int a;") == a
-    assert dwconv.build_dir("int b;") != a
-    monkeypatch.setattr(dwconv, "cpu_features", lambda: "another cpu")
-    assert dwconv.build_dir("int a;") != a
+        ext.load.cache_clear()
 
 
 def test_layer_works_under_torch_compile():

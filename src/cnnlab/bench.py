@@ -53,6 +53,38 @@ def matmul_peak_gflops(dtype: str = "bfloat16", device: str = "cpu", n: int = 20
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+def copy_bandwidth_gbs(repeats: int = 5, clock=time.perf_counter, mib: int = 256) -> float:
+    """The machine's memory bandwidth as GB/s of a large tensor copy, counting the bytes read and the
+    bytes written (median of ``repeats``)."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        dst.copy_(src)
+        times.append(clock() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def interleaved_step_times(setups: dict, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, repeats: int,
+                           clock=time.perf_counter) -> dict:
+    """Median seconds of a training step (forward, backward, optimizer step) for each ``name: (model,
+    optimizer)`` of ``setups`` on the same batch, the setups taking turns step by step (so a change
+    in the machine's load hits all alike); a first round warms up."""
+    times = {name: [] for name in setups}
+    for i in range(repeats + 1):
+        for name, (model, opt) in setups.items():
+            t0 = clock()
+            with autocast(x.device, dtype):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:
+                times[name].append(clock() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def train_gflops(macs_per_image: int, images_per_s: float) -> float:
     return TRAIN_FLOPS_PER_MAC * macs_per_image * images_per_s / 1e9
 

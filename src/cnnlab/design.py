@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import (CenterCrop, Dropout, GlobalPool, Mul, Net, ReLU, Residual, SeparableConv2d,
+from cnnlab.layers import (CenterCrop, ConvBlock, Dropout, GlobalPool, Mul, Net, ReLU, Residual, SeparableConv2d,
                            conv_bn)
 
 
@@ -290,7 +290,7 @@ def _sep(layer: Layer, shape: tuple, opts: Options):
     if "plain" in layer.switches:
         return [conv], (c_out, h, w)
     block = [conv, nn.BatchNorm2d(c_out, eps=opts.bn_eps, momentum=opts.bn_momentum), ReLU()]
-    return [nn.Sequential(*block, *([Dropout(opts.dropout)] if opts.dropout else []))], (c_out, h, w)
+    return [ConvBlock(*block, *([Dropout(opts.dropout)] if opts.dropout else []))], (c_out, h, w)
 
 
 def _trans(layer: Layer, shape: tuple, opts: Options):

@@ -16,9 +16,9 @@
 // result does not depend on scheduling.
 
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
+
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,27 +29,11 @@
 
 namespace {
 
+using cnnlab::Acc;
+using cnnlab::narrow;
+using cnnlab::widen;
+
 constexpr int64_t kPad = 2;  // zero columns on each side of a gradient row (enough for stride <= 2, padding <= 1)
-
-// ---------------------------------------------------------------- storage <-> accumulation type
-inline float widen(float v) { return v; }
-inline double widen(double v) { return v; }
-inline float widen(c10::BFloat16 v) {
-  uint32_t u = uint32_t(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void narrow(float v, float& d) { d = v; }
-inline void narrow(double v, double& d) { d = v; }
-inline void narrow(float v, c10::BFloat16& d) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  d.x = std::isnan(v) ? uint16_t(0x7fc0) : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 struct Geometry {
   int64_t N, C, H, W, M, Co, Ho, Wo, stride, pad;
@@ -389,19 +373,11 @@ Geometry geometry(const at::Tensor& x, const at::Tensor& w9, int64_t out_h, int6
   return g;
 }
 
-template <typename F>
-void dispatch(at::ScalarType t, F f) {
-  if (t == at::kFloat) return f(float());
-  if (t == at::kDouble) return f(double());
-  if (t == at::kBFloat16) return f(c10::BFloat16());
-  TORCH_CHECK(false, "dwconv: float32, float64 or bfloat16 only");
-}
-
 void forward(const at::Tensor& x, const at::Tensor& w9, const at::Tensor& out, int64_t stride, int64_t pad) {
   const Geometry g = geometry(x, w9, out.size(2), out.size(3), stride, pad);
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_contiguous(at::MemoryFormat::ChannelsLast) &&
               out.size(0) == g.N && out.size(1) == g.Co, "dwconv: bad output tensor");
-  dispatch(x.scalar_type(), [&](auto tag) {
+  cnnlab::dispatch(x.scalar_type(), "dwconv", [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     TORCH_CHECK(w9.scalar_type() == c10::CppTypeToScalarType<A>::value, "dwconv: w9 has the wrong dtype");
@@ -420,7 +396,7 @@ void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w9,
                           grad_x.is_contiguous(at::MemoryFormat::ChannelsLast)), "dwconv: bad grad_x tensor");
   TORCH_CHECK(!want_w || (grad_w9.sizes() == w9.sizes() && grad_w9.scalar_type() == w9.scalar_type() &&
                           grad_w9.is_contiguous()), "dwconv: bad grad_w9 tensor");
-  dispatch(x.scalar_type(), [&](auto tag) {
+  cnnlab::dispatch(x.scalar_type(), "dwconv", [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     TORCH_CHECK(w9.scalar_type() == c10::CppTypeToScalarType<A>::value, "dwconv: w9 has the wrong dtype");

@@ -5,112 +5,22 @@ kernels in ``dwconv.cpp`` work row by row on the channels_last layout, with the 
 folded in, and give the same sums as ``F.conv2d`` (float32 or float64 accumulation). They cover a
 3x3 kernel, stride 1 or 2, padding 0 or 1, any depth multiplier, float32, bfloat16 and float64.
 
-The extension is compiled the first time it is needed (``torch.utils.cpp_extension.load_inline``,
-ninja and a C++ compiler, a few seconds) into ``~/.cache/cnnlab/ext`` (``$CNNLAB_EXT_DIR``), in a
-folder named by a hash of the source, the compiler flags, torch's version and the CPU's features,
-so a cache copied to another machine never runs code built for a different CPU. Without a compiler
-or ninja, ``available()`` warns once and returns False, and ``layers.DepthwiseConv2d`` uses torch's
-kernel.
+The extension is built on first use (``cnnlab.ext``); where it cannot be, ``available()`` is False
+and ``layers.DepthwiseConv2d`` uses torch's kernel.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import sys
-import warnings
-from contextlib import contextmanager
-from pathlib import Path
-
 import torch
 
-SOURCE = Path(__file__).with_name("dwconv.cpp")
+from cnnlab import ext
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-NAME = "cnnlab_dwconv"
 
 
-class BuildError(Exception):
-    """The extension could not be built or loaded (no compiler, no ninja, a compile error)."""
-
-
-def compiler_flags() -> list[str]:
-    """-O3 with OpenMP (torch's ``parallel_for``); on x86-64 also this CPU's instruction set
-    (AVX-512 where there is one), which is why the cache folder is keyed by the CPU's features."""
-    flags = ["-O3", "-fopenmp", "-Wno-c++20-extensions"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags += ["-march=native", "-mprefer-vector-width=512"]
-    return flags
-
-
-def cpu_features() -> str:
-    """What the CPU can run (the flags line of /proc/cpuinfo on Linux, else the processor name)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def build_dir(source: str) -> Path:
-    root = Path(os.environ.get("CNNLAB_EXT_DIR") or Path.home() / ".cache" / "cnnlab" / "ext").expanduser()
-    key = "\n".join([source, " ".join(compiler_flags()), torch.__version__, sys.version, cpu_features()])
-    return root / f"{NAME}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-@contextmanager
-def _ninja_on_path():
-    """torch runs ``ninja`` from PATH; the pip package puts it beside the venv's python, which is on
-    PATH only in an activated venv: add that folder for the build."""
-    if shutil.which("ninja"):
-        yield
-        return
-    try:
-        import ninja
-    except ImportError:
-        raise BuildError("ninja is not installed (pip install ninja)") from None
-    old = os.environ.get("PATH", "")
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = old
-
-
-def build(source: str, directory: Path, name: str = NAME) -> None:
-    """Compile ``source`` in ``directory`` (a no-op when it is up to date) and load it into torch.ops.
-    ``name``: torch keeps one build per name and process, so another source needs another name."""
-    from torch.utils import cpp_extension
-
-    compiler = os.environ.get("CXX", "c++")
-    if not shutil.which(compiler):
-        raise BuildError(f"no C++ compiler ({compiler}) found; install g++ (or set CXX)")
-    directory.mkdir(parents=True, exist_ok=True)
-    with _ninja_on_path():
-        try:
-            cpp_extension.load_inline(name, [source], extra_cflags=compiler_flags(), extra_ldflags=["-fopenmp"],
-                                      build_directory=str(directory), is_python_module=False,
-                                      no_implicit_headers=True)
-        except (RuntimeError, OSError) as e:  # torch reports a failed build as RuntimeError, a bad library as OSError
-            raise BuildError(f"{type(e).__name__}: {e}") from None
-
-
-@functools.cache
 def available() -> bool:
-    """Whether the fast kernels can run in this process: builds them on the first call (once per
-    process; the compiled library is cached on disk). A failed build warns once and gives False."""
-    source = SOURCE.read_text()
-    try:
-        build(source, build_dir(source))
-    except BuildError as e:
-        warnings.warn(f"cnnlab: the fast depthwise convolution could not be built ({e}); using torch's slower "
-                      f"kernel", RuntimeWarning, stacklevel=2)
-        return False
-    return True
+    """Whether the fast kernels can run in this process (builds them on the first call)."""
+    return ext.load("cnnlab_dwconv", "dwconv.cpp", "depthwise convolution")
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding: tuple, dilation: tuple,

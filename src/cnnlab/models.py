@@ -48,7 +48,7 @@ from torch import nn
 from cnnlab.config import file_reference
 from cnnlab.design import build_design
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import CenterCrop, Dropout, GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
+from cnnlab.layers import CenterCrop, ConvBlock, Dropout, GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
 
 
 @dataclass(frozen=True)
@@ -402,10 +402,10 @@ def mnist_fast(num_classes: int = 10, dropout: float = 0.0, pool: str = "avg", w
 # --------------------------------------------------------------------------- CIFAR (seed 002, Week 3)
 
 
-def _sep_bn(c_in: int, c_out: int, padding: int, dropout: float) -> nn.Sequential:
+def _sep_bn(c_in: int, c_out: int, padding: int, dropout: float) -> ConvBlock:
     """Keras SeparableConv2D (bias on the pointwise) -> BN(eps 1e-3, Keras default) -> ReLU -> Dropout."""
     layers = [SeparableConv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.01), nn.ReLU()]
-    return nn.Sequential(*layers, Dropout(dropout)) if dropout > 0 else nn.Sequential(*layers)
+    return ConvBlock(*layers, Dropout(dropout)) if dropout > 0 else ConvBlock(*layers)
 
 
 @register("cifar_sep92k", (3, 32, 32), "seed 002 (Week 3)", "the Keras SeparableConv2D net, 92,901 params (Keras count)",

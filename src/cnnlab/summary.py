@@ -6,7 +6,7 @@ count of one forward pass halved (2 FLOPs per multiply-accumulate of a convoluti
 product), so convolutions and matmuls called as functions count too.
 
 Receptive fields come from a structural walk of the module tree, exact for what it recognises:
-``nn.Sequential`` composes its children, ``Residual`` takes the larger RF of identity and branch,
+``nn.Sequential`` (and ``layers.ConvBlock``) composes its children, ``Residual`` takes the larger RF of identity and branch,
 a ``layers.Net`` runs features then head, and convolutions (with dilation and stride), pooling,
 space-to-depth, global pooling, Flatten, centre crops, padding and per-pixel layers (activations,
 normalisation, dropout) are known. Anything else (a custom module, a container with its own
@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cnnlab import models
 from cnnlab.data import DATASETS, load_dataset
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import CenterCrop, Dropout, GlobalPool, Mul, Net, Residual
+from cnnlab.layers import CenterCrop, ConvBlock, Dropout, GlobalPool, Mul, Net, Residual
 from cnnlab.models import MODELS, create_model, get_spec, model_device
 from cnnlab.tables import format_table
 
@@ -201,7 +201,7 @@ def receptive_fields(model: nn.Module, in_shapes: dict[nn.Module, tuple] | None 
         elif _runs_own_forward(m, Residual):
             b_rf, b_jump = walk(m.branch, rf, jump)
             rf, jump = (max(rf, b_rf), b_jump) if b_rf is not None else (None, None)
-        elif _runs_own_forward(m, nn.Sequential):
+        elif _runs_own_forward(m, nn.Sequential) or _runs_own_forward(m, ConvBlock):  # both compose in order
             for child in m:
                 rf, jump = walk(child, rf, jump)
         elif _runs_own_forward(m, Net):

@@ -1,0 +1,99 @@
+"""BatchNorm (training mode) fused with the ReLU and dropout after it, for CPU channels_last tensors.
+
+On a CPU the small nets of the seeds spend half a training step in element-wise passes over
+full-size maps: BatchNorm's statistics, normalisation and two backward passes, the ReLU and its
+backward, dropout's random numbers, mask and multiplies. The kernels in ``bnact.cpp`` do the same
+arithmetic in two passes forward (statistics; normalise + ReLU + dropout) and two backward, and
+store no masks: dropout keeps an element when a hash of its position and a seed clears p, so backward recomputes
+the mask from the seed, which is drawn from torch's generator (runs stay reproducible).
+
+``layers.ConvBlock`` calls ``batch_norm_act`` where ``applies``; elsewhere (GPU, eval mode, other
+dtypes, torch.compile, no compiler) its children run one by one, with the same result up to
+rounding and a different, equally distributed, dropout mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cnnlab import ext
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def available() -> bool:
+    """Whether the fused kernels can run in this process (builds them on the first call)."""
+    return ext.load("cnnlab_bnact", "bnact.cpp", "BatchNorm + ReLU + dropout")
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def applies(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
+    """Whether the kernels cover this call (checked before anything is built): a BatchNorm2d in
+    training mode on a CPU channels_last input of a supported dtype, more than one value per
+    channel, parameters in the accumulation dtype, outside torch.compile and tracing."""
+    acc = accumulation_dtype(x)
+    return (bn.training and x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES
+            and x.shape[1] == bn.num_features and x.numel() > x.shape[1]
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and all(t is None or t.dtype == acc for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
+def random_seed() -> int:
+    """A 64-bit seed from torch's global generator."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+
+
+def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool, p: float) -> torch.Tensor:
+    """``dropout(relu(bn(x)), p)`` (ReLU only if ``relu``; no dropout if ``p == 0``) for a BatchNorm2d
+    in training mode, updating its running statistics as ``bn(x)`` would. Call where ``applies``
+    and ``available``."""
+    momentum = bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    acc = accumulation_dtype(x)
+    weight = bn.weight if bn.weight is not None else torch.ones(x.shape[1], dtype=acc)
+    bias = bn.bias if bn.bias is not None else torch.zeros(x.shape[1], dtype=acc)
+    seed = random_seed() if p > 0 else 0
+    return BatchNormAct.apply(x, weight, bias, bn.running_mean, bn.running_var, momentum or 0.0, bn.eps, relu, p,
+                              seed)
+
+
+class BatchNormAct(torch.autograd.Function):
+    """The fused forward and backward; ``running_mean`` and ``running_var`` (or None) are updated in
+    place and carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, relu: bool, p: float,
+                seed: int) -> torch.Tensor:
+        w, b = weight.detach(), bias.detach()
+        out, mean, invstd = torch.ops.cnnlab_bnact.forward(x, w, b, running_mean, running_var, momentum, eps, relu,
+                                                           p, seed)
+        ctx.save_for_backward(x, w, b, mean, invstd)
+        ctx.act = (relu, p, seed)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        relu, p, seed = ctx.act
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = torch.ops.cnnlab_bnact.backward(
+            grad.contiguous(memory_format=torch.channels_last), x, weight, bias, mean, invstd, relu, p, seed, want_x)
+        return ((grad_x if want_x else None), (grad_w if want_w else None), (grad_b if want_b else None),
+                None, None, None, None, None, None, None)
+
+
+def keep_mask(shape: tuple, p: float, seed: int) -> torch.Tensor:
+    """The dropout mask (True = kept) the kernels use for a channels_last tensor of ``shape``."""
+    n, c, h, w = shape
+    flat = torch.empty(n * h * w, c, dtype=torch.bool)
+    torch.ops.cnnlab_bnact.keep_mask(flat, p, seed)
+    return flat.view(n, h, w, c).permute(0, 3, 1, 2)
