@@ -40,23 +40,26 @@ SHAPES = [(4, 16, 9, 7), (2, 24, 5, 5), (3, 5, 4, 6), (1, 3, 1, 2)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("relu,p", CASES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_values_gradients_and_running_stats_match_torch(dtype, relu, p, shape):
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_values_gradients_and_running_stats_match_torch(dtype, relu, p, shape, layout):
     """Against F.batch_norm -> relu -> the kernels' own mask, in float64 from the same inputs."""
-    x = channels_last(*shape, dtype=dtype, loc=3.0, scale=2.0).requires_grad_()
+    x = channels_last(*shape, dtype=dtype, loc=3.0, scale=2.0)
+    x = (x if layout == "channels_last" else x.contiguous()).requires_grad_()
+    cl = x.is_contiguous(memory_format=torch.channels_last)  # a tensor can be both: the kernels take it as channels_last
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     bn, ref_bn = batch_norm(shape[1], acc), batch_norm(shape[1], torch.float64)
     seed = 987654321
     out = bnact.BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, bn.eps, relu, p, seed)
     grad = channels_last(*shape, dtype=dtype, seed=5)
-    out.backward(grad)
+    out.backward(grad)  # a channels_last gradient, whatever x's layout
 
     x64 = x.detach().double().requires_grad_()
     ref = F.batch_norm(x64, ref_bn.running_mean, ref_bn.running_var, ref_bn.weight, ref_bn.bias, True, 0.1, bn.eps)
     ref = F.relu(ref) if relu else ref
-    ref = ref * bnact.keep_mask(shape, p, seed) / (1 - p)
+    ref = ref * bnact.keep_mask(shape, p, seed, channels_last=cl) / (1 - p)
     ref.backward(grad.double())
     tol = dict(rtol=2e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     torch.testing.assert_close(out.double(), ref, **tol)
     torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
     torch.testing.assert_close(bn.weight.grad.double(), ref_bn.weight.grad, **tol)
@@ -113,6 +116,8 @@ def test_dropout_masks_have_the_rate_and_are_independent():
         joint = (~flat[:-lag] & ~flat[lag:]).float().mean().item()
         assert abs(joint - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5, lag
     assert bnact.keep_mask(shape, 0.0, 1).all()
+    nchw = bnact.keep_mask(shape, p, 1, channels_last=False)
+    assert abs((1 - nchw.float().mean().item()) - p) < 5 * sd
 
 
 def block(dropout=0.0, c_in=3, c_out=16):
@@ -178,14 +183,14 @@ def test_conv_block_under_bf16_autocast_matches_torch():
     torch.testing.assert_close(y.float(), y2.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("case", ["eval", "nchw", "float16", "one value per channel", "other act", "compile"])
+@pytest.mark.parametrize("case", ["eval", "strided", "float16", "one value per channel", "other act", "compile"])
 def test_applies_only_where_the_kernels_cover_the_call(case):
     bn = batch_norm(4)
     x = channels_last(2, 4, 3, 3)
     if case == "eval":
         bn.eval()
-    elif case == "nchw":
-        x = x.contiguous()
+    elif case == "strided":
+        x = channels_last(2, 4, 3, 6)[..., ::2]
     elif case == "float16":
         x = x.half()
     elif case == "one value per channel":

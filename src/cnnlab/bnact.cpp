@@ -1,16 +1,18 @@
 // BatchNorm in training mode fused with the ReLU and dropout that follow it, on CPU, for
-// channels_last tensors: forward and backward in two passes over memory each.
+// channels_last or NCHW tensors: forward and backward in two passes over memory each.
 //
 // Built on first use by cnnlab/ext.py and registered as torch.ops.cnnlab_bnact.{forward,backward,keep_mask}.
 //
-// Layout: x is (N, H, W, C) in memory, seen here as a (R = N * H * W, C) matrix. Per-channel sums
-// are kept in the accumulation type A over blocks of rows and added into double per chunk of rows;
-// the chunks are summed in a fixed order, so the result does not depend on scheduling.
+// Layouts: channels_last x is (N, H, W, C) in memory, a (R = N * H * W, C) matrix worked in tiles of
+// whole rows; NCHW x is N * C planes of H * W values, one channel each. Per-channel sums are kept
+// in the accumulation type A over a tile or plane and added into double, in a fixed order, so the
+// result does not depend on scheduling (for a given thread count).
 //
-// Dropout draws no random tensor: element (r, c) is kept when a hash of (r, c, seed) is at least
-// p * 2^32, so backward recomputes the mask from the seed instead of storing it, and the ReLU mask
-// is recomputed from x and the per-channel scale and shift (with fma, so both passes agree).
-// Torch's composite (batch_norm, relu, dropout) writes and reads six more full-size tensors.
+// Dropout draws no random tensor: an element is kept when a hash of (its tile or plane, its place
+// there, the seed) is at least p * 2^32, so backward recomputes the mask from the seed instead of
+// storing it, and the ReLU mask is recomputed from x and the per-channel scale and shift (with fma,
+// so both passes agree). Torch's modules (batch_norm, relu, dropout) write and read six more
+// full-size tensors.
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -33,9 +35,6 @@ using cnnlab::Acc;
 using cnnlab::narrow;
 using cnnlab::widen;
 
-constexpr int64_t kBlock = 64;  // rows summed in A before adding into double
-constexpr int64_t kLanes = 4;   // rows r, r + 1, ... add into kLanes separate sums: no chain of dependent adds
-
 inline uint32_t fmix(uint32_t h) {  // murmur3's finaliser: every input bit reaches every output bit
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
@@ -45,13 +44,13 @@ inline uint32_t fmix(uint32_t h) {  // murmur3's finaliser: every input bit reac
   return h;
 }
 
-// Dropout draws: a block's hash, then one per element of the block; uniform over 32 bits, independent
-// across blocks, elements and seeds. One multiply-xor round per element, in 32-bit lanes.
-inline uint32_t block_draw(uint64_t b, uint64_t seed) {
-  const uint32_t h = fmix((uint32_t(b) * 0x9E3779B1u) ^ uint32_t(seed));
-  return fmix(h ^ (uint32_t(b >> 32) * 0x85EBCA77u) ^ uint32_t(seed >> 32));
+// Dropout draws: a tile's hash, then one per element of the tile; uniform over 32 bits, independent
+// across tiles, elements and seeds. One multiply-xor round per element, in 32-bit lanes.
+inline uint32_t tile_draw(uint64_t t, uint64_t seed) {
+  const uint32_t h = fmix((uint32_t(t) * 0x9E3779B1u) ^ uint32_t(seed));
+  return fmix(h ^ (uint32_t(t >> 32) * 0x85EBCA77u) ^ uint32_t(seed >> 32));
 }
-inline uint32_t draw(uint32_t block, uint32_t j) { return fmix(block ^ (j * 0x9E3779B1u)); }
+inline uint32_t draw(uint32_t tile, uint32_t j) { return fmix(tile ^ (j * 0x9E3779B1u)); }
 
 struct Act {
   bool relu;
@@ -67,31 +66,33 @@ Act make_act(bool relu, double p, int64_t seed) {
   return Act{relu, p > 0, uint32_t(t), float(1.0 / (1.0 - p)), uint64_t(seed)};
 }
 
-// The dropout factors of a block of kDropRows rows: 1 / (1 - p) where kept, 0 where dropped; block b's
-// hash, then one draw per element of the block. A loop in 32-bit lanes the compiler vectorises, long
-// enough for few channels; the loops that use the factors are then plain multiplies.
-constexpr int64_t kDropRows = 16;
+// The work goes by tiles of whole rows, about kTile values: each loop runs over a tile as one flat
+// vector (long, whatever C is), with the per-channel numbers repeated to the tile's length.
+constexpr int64_t kTile = 512;
 
-template <typename A>
-struct DropFactors {
-  const Act& a;
-  int64_t C;
-  std::vector<A> f;
-  int64_t block = -1;
-
-  DropFactors(const Act& act, int64_t channels) : a(act), C(channels), f(kDropRows * channels) {}
-
-  const A* row(int64_t r) {  // the factors of row r (recomputed when r enters another block)
-    const int64_t b = r / kDropRows;
-    if (b != block) {
-      const uint32_t bh = block_draw(uint64_t(b), a.seed), n = uint32_t(kDropRows * C);
-      const A s = A(a.keep_scale);
-      for (uint32_t j = 0; j < n; ++j) f[j] = draw(bh, j) >= a.threshold ? s : A(0);
-      block = b;
-    }
-    return f.data() + (r - b * kDropRows) * C;
-  }
+struct Tiles {
+  int64_t R, C, rows, count;  // rows per tile, number of tiles
+  Tiles(int64_t R_, int64_t C_) : R(R_), C(C_), rows(std::max<int64_t>(1, kTile / C_)), count((R_ + rows - 1) / rows) {}
+  int64_t begin(int64_t t) const { return t * rows * C; }                               // first value of tile t
+  int64_t size(int64_t t) const { return (std::min(R, (t + 1) * rows) - t * rows) * C; }  // values in tile t
+  int64_t length() const { return rows * C; }
 };
+
+// per-channel values repeated over a tile: out[j] = v[j % C]
+template <typename A>
+std::vector<A> repeat(const A* v, const Tiles& t) {
+  std::vector<A> out(t.length());
+  for (int64_t j = 0; j < t.length(); ++j) out[j] = v[j % t.C];
+  return out;
+}
+
+// The dropout factors of tile t: 1 / (1 - p) where kept, 0 where dropped.
+template <typename A>
+void drop_factors(int64_t t, int64_t n, const Act& a, A* f) {
+  const uint32_t th = tile_draw(uint64_t(t), a.seed);
+  const A s = A(a.keep_scale);
+  for (uint32_t j = 0; j < uint32_t(n); ++j) f[j] = draw(th, j) >= a.threshold ? s : A(0);
+}
 
 // What reaches the output from BN's output z: ReLU, then times the dropout factor.
 template <bool RELU, bool DROP, typename A>
@@ -116,24 +117,29 @@ void with_flags(const Act& a, F f) {
   f(std::false_type(), std::false_type());
 }
 
-// Two per-channel sums over rows: f(rb, re, a1, a2) adds rows rb..re-1 into a1 and a2, row r into
-// lane r % kLanes (a1 + (r % kLanes) * C); chunked for threads and summed in a fixed order.
+// Two per-channel sums: f(t, a1, a2) adds tile t's values into the tile-long sums a1 and a2, kept
+// in A for about kFold values per thread, then folded per channel into double; threads take
+// contiguous chunks of tiles, and the chunks are summed in a fixed order.
+constexpr int64_t kFold = 8192;
+
 template <typename A, typename F>
-void channel_sums(int64_t R, int64_t C, F f, std::vector<double>& s1, std::vector<double>& s2) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / (4 * kBlock)));
+void channel_sums(const Tiles& tiles, F f, std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t C = tiles.C, L = tiles.length();
+  const int64_t fold = std::max<int64_t>(1, kFold / L);  // tiles between folds
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles.count / (2 * fold)));
   std::vector<double> p1(chunks * C, 0.0), p2(chunks * C, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<A> a1(kLanes * C), a2(kLanes * C);
+    std::vector<A> a1(L), a2(L);
     for (int64_t k = cb; k < ce; ++k) {
-      const int64_t r0 = k * R / chunks, r1 = (k + 1) * R / chunks;
-      for (int64_t b = r0; b < r1; b += kBlock) {
+      const int64_t t0 = k * tiles.count / chunks, t1 = (k + 1) * tiles.count / chunks;
+      for (int64_t b = t0; b < t1; b += fold) {
         std::fill(a1.begin(), a1.end(), A(0));
         std::fill(a2.begin(), a2.end(), A(0));
-        f(b, std::min(b + kBlock, r1), a1.data(), a2.data());
-        for (int64_t l = 0; l < kLanes; ++l)
+        for (int64_t t = b; t < std::min(b + fold, t1); ++t) f(t, a1.data(), a2.data());
+        for (int64_t r = 0; r < tiles.rows; ++r)
           for (int64_t c = 0; c < C; ++c) {
-            p1[k * C + c] += a1[l * C + c];
-            p2[k * C + c] += a2[l * C + c];
+            p1[k * C + c] += a1[r * C + c];
+            p2[k * C + c] += a2[r * C + c];
           }
       }
     }
@@ -150,100 +156,235 @@ void channel_sums(int64_t R, int64_t C, F f, std::vector<double>& s1, std::vecto
 // Mean and biased variance per channel, from sums shifted by the first row (exact when the mean
 // is large against the spread, where E[x^2] - E[x]^2 would cancel).
 template <typename T>
-void stats_impl(const T* x, int64_t R, int64_t C, typename Acc<T>::type* mean, typename Acc<T>::type* var) {
+void stats_impl(const T* x, const Tiles& tiles, typename Acc<T>::type* mean, typename Acc<T>::type* var) {
   using A = typename Acc<T>::type;
-  std::vector<A> shift(C);
-  for (int64_t c = 0; c < C; ++c) shift[c] = widen(x[c]);
+  std::vector<A> first(tiles.C);
+  for (int64_t c = 0; c < tiles.C; ++c) first[c] = widen(x[c]);
+  const std::vector<A> shift = repeat(first.data(), tiles);
   std::vector<double> s1, s2;
-  channel_sums<A>(R, C, [&](int64_t rb, int64_t re, A* a1, A* a2) {
-    for (int64_t r = rb; r < re; ++r) {
-      const T* row = x + r * C;
-      A *l1 = a1 + (r % kLanes) * C, *l2 = a2 + (r % kLanes) * C;
-      #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A d = widen(row[c]) - shift[c];
-        l1[c] += d;
-        l2[c] += d * d;
-      }
+  channel_sums<A>(tiles, [&](int64_t t, A* a1, A* a2) {
+    const T* xt = x + tiles.begin(t);
+    const int64_t n = tiles.size(t);
+    #pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const A d = widen(xt[j]) - shift[j];
+      a1[j] += d;
+      a2[j] += d * d;
     }
   }, s1, s2);
-  for (int64_t c = 0; c < C; ++c) {
+  const int64_t R = tiles.R;
+  for (int64_t c = 0; c < tiles.C; ++c) {
     const double m = s1[c] / double(R);
-    mean[c] = A(double(shift[c]) + m);
+    mean[c] = A(double(first[c]) + m);
     var[c] = A(std::max(s2[c] / double(R) - m * m, 0.0));
   }
 }
 
 template <bool RELU, bool DROP, typename T>
-void forward_impl(const T* x, const typename Acc<T>::type* scale, const typename Acc<T>::type* shift, T* out,
-                  int64_t R, int64_t C, const Act& a) {
+void forward_impl(const T* x, const typename Acc<T>::type* scale_c, const typename Acc<T>::type* shift_c, T* out,
+                  const Tiles& tiles, const Act& a) {
   using A = typename Acc<T>::type;
-  at::parallel_for(0, R, 256, [&](int64_t rb, int64_t re) {
-    DropFactors<A> drop(a, DROP ? C : 0);
-    for (int64_t r = rb; r < re; ++r) {
-      const T* row = x + r * C;
-      T* orow = out + r * C;
-      const A* keep = DROP ? drop.row(r) : nullptr;
+  const std::vector<A> scale = repeat(scale_c, tiles), shift = repeat(shift_c, tiles);
+  at::parallel_for(0, tiles.count, 4, [&](int64_t tb, int64_t te) {
+    std::vector<A> keep(DROP ? tiles.length() : 0);
+    for (int64_t t = tb; t < te; ++t) {
+      const T* xt = x + tiles.begin(t);
+      T* ot = out + tiles.begin(t);
+      const int64_t n = tiles.size(t);
+      if (DROP) drop_factors(t, n, a, keep.data());
       #pragma omp simd
-      for (int64_t c = 0; c < C; ++c)
-        narrow(activate<RELU, DROP>(std::fma(widen(row[c]), scale[c], shift[c]), DROP ? keep[c] : A(1)), orow[c]);
+      for (int64_t j = 0; j < n; ++j)
+        narrow(activate<RELU, DROP>(std::fma(widen(xt[j]), scale[j], shift[j]), DROP ? keep[j] : A(1)), ot[j]);
     }
   });
 }
 
 // grad_x = weight * invstd * (g - mean(g) - (x - mean) * invstd^2 * mean(g * (x - mean))), g = gate(dy)
 template <bool RELU, bool DROP, typename T>
-void backward_impl(const T* dy, const T* x, const typename Acc<T>::type* mean, const typename Acc<T>::type* invstd,
-                   const typename Acc<T>::type* weight, const typename Acc<T>::type* scale,
-                   const typename Acc<T>::type* shift, T* gx, typename Acc<T>::type* sum_g,
-                   typename Acc<T>::type* sum_gd, int64_t R, int64_t C, const Act& a) {
+void backward_impl(const T* dy, const T* x, const typename Acc<T>::type* mean_c, const typename Acc<T>::type* invstd,
+                   const typename Acc<T>::type* weight, const typename Acc<T>::type* scale_c,
+                   const typename Acc<T>::type* shift_c, T* gx, typename Acc<T>::type* sum_g,
+                   typename Acc<T>::type* sum_gd, const Tiles& tiles, const Act& a) {
   using A = typename Acc<T>::type;
+  const int64_t C = tiles.C, R = tiles.R;
+  const std::vector<A> scale = repeat(scale_c, tiles), shift = repeat(shift_c, tiles), mean = repeat(mean_c, tiles);
   std::vector<double> s1, s2;
-  channel_sums<A>(R, C, [&](int64_t rb, int64_t re, A* a1, A* a2) {
-    DropFactors<A> drop(a, DROP ? C : 0);
-    for (int64_t r = rb; r < re; ++r) {
-      const T *row = x + r * C, *grow = dy + r * C;
-      const A* keep = DROP ? drop.row(r) : nullptr;
-      A *l1 = a1 + (r % kLanes) * C, *l2 = a2 + (r % kLanes) * C;
-      #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A v = widen(row[c]);
-        const A g = gate<RELU, DROP>(widen(grow[c]), std::fma(v, scale[c], shift[c]), DROP ? keep[c] : A(1));
-        l1[c] += g;
-        l2[c] += g * (v - mean[c]);
-      }
+  channel_sums<A>(tiles, [&](int64_t t, A* a1, A* a2) {
+    thread_local std::vector<A> keep;
+    const T *xt = x + tiles.begin(t), *gt = dy + tiles.begin(t);
+    const int64_t n = tiles.size(t);
+    if (DROP) {
+      keep.resize(tiles.length());
+      drop_factors(t, n, a, keep.data());
+    }
+    const A* kp = DROP ? keep.data() : nullptr;
+    #pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const A v = widen(xt[j]);
+      const A g = gate<RELU, DROP>(widen(gt[j]), std::fma(v, scale[j], shift[j]), DROP ? kp[j] : A(1));
+      a1[j] += g;
+      a2[j] += g * (v - mean[j]);
     }
   }, s1, s2);
-  std::vector<A> k1(C), k2(C), w(C);
+  std::vector<A> k1c(C), k2c(C), wc(C);
   for (int64_t c = 0; c < C; ++c) {
     sum_g[c] = A(s1[c]);
     sum_gd[c] = A(s2[c]);
-    k1[c] = A(s1[c] / double(R));
-    k2[c] = A(s2[c] / double(R) * double(invstd[c]) * double(invstd[c]));
+    k1c[c] = A(s1[c] / double(R));
+    k2c[c] = A(s2[c] / double(R) * double(invstd[c]) * double(invstd[c]));
+    wc[c] = weight[c] * invstd[c];
+  }
+  if (!gx) return;
+  const std::vector<A> k1 = repeat(k1c.data(), tiles), k2 = repeat(k2c.data(), tiles), w = repeat(wc.data(), tiles);
+  at::parallel_for(0, tiles.count, 4, [&](int64_t tb, int64_t te) {
+    std::vector<A> keep(DROP ? tiles.length() : 0);
+    for (int64_t t = tb; t < te; ++t) {
+      const T *xt = x + tiles.begin(t), *gt = dy + tiles.begin(t);
+      T* ot = gx + tiles.begin(t);
+      const int64_t n = tiles.size(t);
+      if (DROP) drop_factors(t, n, a, keep.data());
+      #pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const A v = widen(xt[j]);
+        const A g = gate<RELU, DROP>(widen(gt[j]), std::fma(v, scale[j], shift[j]), DROP ? keep[j] : A(1));
+        narrow(w[j] * (g - k1[j] - (v - mean[j]) * k2[j]), ot[j]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- NCHW: planes of one channel
+// Plane p = n * C + c holds channel c's H * W values, so the per-channel numbers are scalars in
+// each loop; plane p's dropout draws use tile number p.
+struct Planes {
+  int64_t N, C, HW;
+};
+
+// Two per-channel sums: f(p, a1, a2) sums plane p into a1 and a2; planes in parallel, each plane's
+// sums kept apart and added per channel in plane order.
+template <typename A, typename F>
+void plane_sums(const Planes& g, F f, std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t P = g.N * g.C;
+  std::vector<double> q1(P), q2(P);
+  at::parallel_for(0, P, 4, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      A a1 = A(0), a2 = A(0);
+      f(p, a1, a2);
+      q1[p] = a1;
+      q2[p] = a2;
+    }
+  });
+  s1.assign(g.C, 0.0);
+  s2.assign(g.C, 0.0);
+  for (int64_t p = 0; p < P; ++p) {
+    s1[p % g.C] += q1[p];
+    s2[p % g.C] += q2[p];
+  }
+}
+
+template <typename T>
+void stats_planes(const T* x, const Planes& g, typename Acc<T>::type* mean, typename Acc<T>::type* var) {
+  using A = typename Acc<T>::type;
+  std::vector<A> first(g.C);
+  for (int64_t c = 0; c < g.C; ++c) first[c] = widen(x[c * g.HW]);
+  std::vector<double> s1, s2;
+  plane_sums<A>(g, [&](int64_t p, A& a1, A& a2) {
+    const T* xp = x + p * g.HW;
+    const A k = first[p % g.C];
+    #pragma omp simd reduction(+ : a1, a2)
+    for (int64_t j = 0; j < g.HW; ++j) {
+      const A d = widen(xp[j]) - k;
+      a1 += d;
+      a2 += d * d;
+    }
+  }, s1, s2);
+  const double R = double(g.N * g.HW);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const double m = s1[c] / R;
+    mean[c] = A(double(first[c]) + m);
+    var[c] = A(std::max(s2[c] / R - m * m, 0.0));
+  }
+}
+
+template <bool RELU, bool DROP, typename T>
+void forward_planes(const T* x, const typename Acc<T>::type* scale, const typename Acc<T>::type* shift, T* out,
+                    const Planes& g, const Act& a) {
+  using A = typename Acc<T>::type;
+  at::parallel_for(0, g.N * g.C, 4, [&](int64_t pb, int64_t pe) {
+    std::vector<A> keep(DROP ? g.HW : 0);
+    for (int64_t p = pb; p < pe; ++p) {
+      const T* xp = x + p * g.HW;
+      T* op = out + p * g.HW;
+      const A sc = scale[p % g.C], sh = shift[p % g.C];
+      if (DROP) drop_factors(p, g.HW, a, keep.data());
+      #pragma omp simd
+      for (int64_t j = 0; j < g.HW; ++j)
+        narrow(activate<RELU, DROP>(std::fma(widen(xp[j]), sc, sh), DROP ? keep[j] : A(1)), op[j]);
+    }
+  });
+}
+
+template <bool RELU, bool DROP, typename T>
+void backward_planes(const T* dy, const T* x, const typename Acc<T>::type* mean, const typename Acc<T>::type* invstd,
+                     const typename Acc<T>::type* weight, const typename Acc<T>::type* scale,
+                     const typename Acc<T>::type* shift, T* gx, typename Acc<T>::type* sum_g,
+                     typename Acc<T>::type* sum_gd, const Planes& g, const Act& a) {
+  using A = typename Acc<T>::type;
+  std::vector<double> s1, s2;
+  plane_sums<A>(g, [&](int64_t p, A& a1, A& a2) {
+    thread_local std::vector<A> keep;
+    const T *xp = x + p * g.HW, *gp = dy + p * g.HW;
+    const int64_t c = p % g.C;
+    const A sc = scale[c], sh = shift[c], m = mean[c];
+    if (DROP) {
+      keep.resize(g.HW);
+      drop_factors(p, g.HW, a, keep.data());
+    }
+    const A* kp = DROP ? keep.data() : nullptr;
+    #pragma omp simd reduction(+ : a1, a2)
+    for (int64_t j = 0; j < g.HW; ++j) {
+      const A v = widen(xp[j]);
+      const A gr = gate<RELU, DROP>(widen(gp[j]), std::fma(v, sc, sh), DROP ? kp[j] : A(1));
+      a1 += gr;
+      a2 += gr * (v - m);
+    }
+  }, s1, s2);
+  const double R = double(g.N * g.HW);
+  std::vector<A> k1(g.C), k2(g.C), w(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    sum_g[c] = A(s1[c]);
+    sum_gd[c] = A(s2[c]);
+    k1[c] = A(s1[c] / R);
+    k2[c] = A(s2[c] / R * double(invstd[c]) * double(invstd[c]));
     w[c] = weight[c] * invstd[c];
   }
   if (!gx) return;
-  at::parallel_for(0, R, 256, [&](int64_t rb, int64_t re) {
-    DropFactors<A> drop(a, DROP ? C : 0);
-    for (int64_t r = rb; r < re; ++r) {
-      const T *row = x + r * C, *grow = dy + r * C;
-      T* orow = gx + r * C;
-      const A* keep = DROP ? drop.row(r) : nullptr;
+  at::parallel_for(0, g.N * g.C, 4, [&](int64_t pb, int64_t pe) {
+    std::vector<A> keep(DROP ? g.HW : 0);
+    for (int64_t p = pb; p < pe; ++p) {
+      const T *xp = x + p * g.HW, *gp = dy + p * g.HW;
+      T* op = gx + p * g.HW;
+      const int64_t c = p % g.C;
+      const A sc = scale[c], sh = shift[c], m = mean[c], wc = w[c], k1c = k1[c], k2c = k2[c];
+      if (DROP) drop_factors(p, g.HW, a, keep.data());
       #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A v = widen(row[c]);
-        const A g = gate<RELU, DROP>(widen(grow[c]), std::fma(v, scale[c], shift[c]), DROP ? keep[c] : A(1));
-        narrow(w[c] * (g - k1[c] - (v - mean[c]) * k2[c]), orow[c]);
+      for (int64_t j = 0; j < g.HW; ++j) {
+        const A v = widen(xp[j]);
+        const A gr = gate<RELU, DROP>(widen(gp[j]), std::fma(v, sc, sh), DROP ? keep[j] : A(1));
+        narrow(wc * (gr - k1c - (v - m) * k2c), op[j]);
       }
     }
   });
 }
 
 // ---------------------------------------------------------------- checks and dispatch
-int64_t rows(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), "bnact: x must be 4-D channels_last");
+// x's layout: channels_last (where a tensor is both, as with 1x1 maps) or contiguous NCHW
+bool is_channels_last(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "bnact: x must be 4-D");
   TORCH_CHECK(x.size(1) > 0 && x.numel() > x.size(1), "bnact: need more than 1 value per channel");
-  return x.numel() / x.size(1);
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
+  TORCH_CHECK(x.is_contiguous(), "bnact: x must be channels_last or contiguous");
+  return false;
 }
 
 template <typename A>
@@ -268,21 +409,28 @@ void affine(const A* weight, const A* bias, const A* mean, const A* invstd, int6
 
 // (out, mean, invstd); running_mean and running_var (when given) move towards the batch's mean and
 // unbiased variance by ``momentum``, as torch's BatchNorm does
+// (out, mean, invstd); running_mean and running_var (when given) move towards the batch's mean and
+// unbiased variance by ``momentum``, as torch's BatchNorm does. out has x's layout.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                                        const at::Tensor& bias,
                                                        const std::optional<at::Tensor>& running_mean,
                                                        const std::optional<at::Tensor>& running_var, double momentum,
                                                        double eps, bool relu, double p, int64_t seed) {
-  const int64_t R = rows(x), C = x.size(1);
+  const bool cl = is_channels_last(x);
+  const int64_t C = x.size(1), R = x.numel() / C;
+  const Planes planes{x.size(0), C, x.size(2) * x.size(3)};
   const Act a = make_act(relu, p, seed);
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty_like(x, cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   at::Tensor mean = at::empty({C}, weight.options()), invstd = at::empty({C}, weight.options());
   cnnlab::dispatch(x.scalar_type(), "bnact", [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
     A *m = channel_ptr<A>(mean, C, "weight"), *is = channel_ptr<A>(invstd, C, "weight");
     std::vector<A> var(C), scale, shift;
-    stats_impl<T>(x.const_data_ptr<T>(), R, C, m, var.data());
+    if (cl)
+      stats_impl<T>(x.const_data_ptr<T>(), Tiles(R, C), m, var.data());
+    else
+      stats_planes<T>(x.const_data_ptr<T>(), planes, m, var.data());
     for (int64_t c = 0; c < C; ++c) is[c] = A(1) / std::sqrt(var[c] + A(eps));
     if (running_mean && running_mean->defined()) {
       A* rm = channel_ptr<A>(*running_mean, C, "running_mean");
@@ -295,23 +443,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
     }
     affine(channel_ptr<A>(weight, C, "weight"), channel_ptr<A>(bias, C, "bias"), m, is, C, scale, shift);
     with_flags(a, [&](auto relu_, auto drop_) {
-      forward_impl<decltype(relu_)::value, decltype(drop_)::value, T>(x.const_data_ptr<T>(), scale.data(),
-                                                                     shift.data(), out.mutable_data_ptr<T>(), R, C, a);
+      constexpr bool RELU = decltype(relu_)::value, DROP = decltype(drop_)::value;
+      if (cl)
+        forward_impl<RELU, DROP, T>(x.const_data_ptr<T>(), scale.data(), shift.data(), out.mutable_data_ptr<T>(),
+                                    Tiles(R, C), a);
+      else
+        forward_planes<RELU, DROP, T>(x.const_data_ptr<T>(), scale.data(), shift.data(), out.mutable_data_ptr<T>(),
+                                      planes, a);
     });
   });
   return {out, mean, invstd};
 }
 
-// (grad_x, grad_weight, grad_bias); grad_x is empty unless want_x
+// (grad_x, grad_weight, grad_bias); grad_x is empty unless want_x; grad has x's layout
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& weight, const at::Tensor& bias,
                                                         const at::Tensor& mean, const at::Tensor& invstd, bool relu,
                                                         double p, int64_t seed, bool want_x) {
-  const int64_t R = rows(x), C = x.size(1);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
-              grad.is_contiguous(at::MemoryFormat::ChannelsLast), "bnact: grad must be channels_last like x");
+  const bool cl = is_channels_last(x);
+  const int64_t C = x.size(1), R = x.numel() / C;
+  const Planes planes{x.size(0), C, x.size(2) * x.size(3)};
+  const auto layout = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.is_contiguous(layout),
+              "bnact: grad must have x's shape, dtype and layout");
   const Act a = make_act(relu, p, seed);
-  at::Tensor grad_x = want_x ? at::empty_like(x, at::MemoryFormat::ChannelsLast) : at::Tensor();
+  at::Tensor grad_x = want_x ? at::empty_like(x, layout) : at::Tensor();
   at::Tensor grad_w = at::empty({C}, weight.options()), grad_b = at::empty({C}, weight.options());
   cnnlab::dispatch(x.scalar_type(), "bnact", [&](auto tag) {
     using T = decltype(tag);
@@ -321,30 +477,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
     A *gw = channel_ptr<A>(grad_w, C, "weight"), *gb = channel_ptr<A>(grad_b, C, "weight");
     std::vector<A> scale, shift;
     affine(w, channel_ptr<A>(bias, C, "bias"), m, is, C, scale, shift);
+    T* gx = want_x ? grad_x.mutable_data_ptr<T>() : nullptr;
     with_flags(a, [&](auto relu_, auto drop_) {
-      backward_impl<decltype(relu_)::value, decltype(drop_)::value, T>(
-          grad.const_data_ptr<T>(), x.const_data_ptr<T>(), m, is, w, scale.data(), shift.data(),
-          want_x ? grad_x.mutable_data_ptr<T>() : nullptr, gb, gw, R, C, a);
+      constexpr bool RELU = decltype(relu_)::value, DROP = decltype(drop_)::value;
+      if (cl)
+        backward_impl<RELU, DROP, T>(grad.const_data_ptr<T>(), x.const_data_ptr<T>(), m, is, w, scale.data(),
+                                     shift.data(), gx, gb, gw, Tiles(R, C), a);
+      else
+        backward_planes<RELU, DROP, T>(grad.const_data_ptr<T>(), x.const_data_ptr<T>(), m, is, w, scale.data(),
+                                       shift.data(), gx, gb, gw, planes, a);
     });
     for (int64_t c = 0; c < C; ++c) gw[c] *= is[c];  // sum(g * (x - mean)) * invstd
   });
   return {grad_x, grad_w, grad_b};
 }
 
-// the dropout keep-mask of a call (1 = kept) for an (R, C) matrix: for tests and for inspection
-void keep_mask(const at::Tensor& out, double p, int64_t seed) {
-  TORCH_CHECK(out.scalar_type() == at::kBool && out.dim() == 2 && out.is_contiguous(),
-              "bnact: keep_mask needs a contiguous (R, C) bool tensor");
+// The dropout keep-mask of a call (1 = kept), in memory order: for a channels_last tensor out is
+// (N * H * W, C); for NCHW, (N * C, H * W), one plane per row. For tests and for inspection.
+void keep_mask(const at::Tensor& out, double p, int64_t seed, bool channels_last) {
+  TORCH_CHECK(out.scalar_type() == at::kBool && out.dim() == 2 && out.is_contiguous() && out.size(1) > 0,
+              "bnact: keep_mask needs a contiguous 2-D bool tensor");
   const Act a = make_act(false, p, seed);
   bool* o = out.mutable_data_ptr<bool>();
-  const int64_t R = out.size(0), C = out.size(1);
-  at::parallel_for(0, R, 256, [&](int64_t rb, int64_t re) {
-    DropFactors<float> drop(a, C);
-    for (int64_t r = rb; r < re; ++r) {
-      const float* keep = a.dropout ? drop.row(r) : nullptr;
-      for (int64_t c = 0; c < C; ++c) o[r * C + c] = !a.dropout || keep[c] > 0;
-    }
-  });
+  const Tiles tiles(out.size(0), out.size(1));
+  const int64_t count = channels_last ? tiles.count : out.size(0);
+  std::vector<float> keep(channels_last ? tiles.length() : out.size(1));
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t n = channels_last ? tiles.size(t) : out.size(1), begin = channels_last ? tiles.begin(t) : t * n;
+    drop_factors(t, n, a, keep.data());
+    for (int64_t j = 0; j < n; ++j) o[begin + j] = !a.dropout || keep[j] > 0;
+  }
 }
 
 }  // namespace
@@ -354,5 +516,5 @@ TORCH_LIBRARY(cnnlab_bnact, m) {
         "float momentum, float eps, bool relu, float p, int seed) -> (Tensor, Tensor, Tensor)", &forward);
   m.def("backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, bool relu, float p, "
         "int seed, bool want_x) -> (Tensor, Tensor, Tensor)", &backward);
-  m.def("keep_mask(Tensor(a!) out, float p, int seed) -> ()", &keep_mask);
+  m.def("keep_mask(Tensor(a!) out, float p, int seed, bool channels_last) -> ()", &keep_mask);
 }

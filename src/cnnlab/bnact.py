@@ -1,15 +1,16 @@
-"""BatchNorm (training mode) fused with the ReLU and dropout after it, for CPU channels_last tensors.
+"""BatchNorm (training mode) fused with the ReLU and dropout after it, for CPU tensors.
 
 On a CPU the small nets of the seeds spend half a training step in element-wise passes over
 full-size maps: BatchNorm's statistics, normalisation and two backward passes, the ReLU and its
 backward, dropout's random numbers, mask and multiplies. The kernels in ``bnact.cpp`` do the same
 arithmetic in two passes forward (statistics; normalise + ReLU + dropout) and two backward, and
-store no masks: dropout keeps an element when a hash of its position and a seed clears p, so backward recomputes
-the mask from the seed, which is drawn from torch's generator (runs stay reproducible).
+store no masks: dropout keeps an element when a hash of its position and a seed clears p, so
+backward recomputes the mask from the seed, which is drawn from torch's generator (runs stay
+reproducible).
 
-``layers.ConvBlock`` calls ``batch_norm_act`` where ``applies``; elsewhere (GPU, eval mode, other
-dtypes, torch.compile, no compiler) its children run one by one, with the same result up to
-rounding and a different, equally distributed, dropout mask.
+``layers.ConvBlock`` calls ``batch_norm_act`` where ``applies`` (channels_last or NCHW input);
+elsewhere (GPU, eval mode, other dtypes or layouts, torch.compile, no compiler) its children run
+one by one, with the same result up to rounding and a different, equally distributed, dropout mask.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 
 def applies(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
     """Whether the kernels cover this call (checked before anything is built): a BatchNorm2d in
-    training mode on a CPU channels_last input of a supported dtype, more than one value per
+    training mode on a CPU input, channels_last or NCHW, of a supported dtype, more than one value per
     channel, parameters in the accumulation dtype, outside torch.compile and tracing."""
     acc = accumulation_dtype(x)
     return (bn.training and x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES
             and x.shape[1] == bn.num_features and x.numel() > x.shape[1]
-            and x.is_contiguous(memory_format=torch.channels_last)
+            and (x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous())
             and all(t is None or t.dtype == acc for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
@@ -85,15 +86,20 @@ class BatchNormAct(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         relu, p, seed = ctx.act
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         grad_x, grad_w, grad_b = torch.ops.cnnlab_bnact.backward(
-            grad.contiguous(memory_format=torch.channels_last), x, weight, bias, mean, invstd, relu, p, seed, want_x)
+            grad.contiguous(memory_format=layout), x, weight, bias, mean, invstd, relu, p, seed, want_x)
         return ((grad_x if want_x else None), (grad_w if want_w else None), (grad_b if want_b else None),
                 None, None, None, None, None, None, None)
 
 
-def keep_mask(shape: tuple, p: float, seed: int) -> torch.Tensor:
-    """The dropout mask (True = kept) the kernels use for a channels_last tensor of ``shape``."""
+def keep_mask(shape: tuple, p: float, seed: int, channels_last: bool = True) -> torch.Tensor:
+    """The dropout mask (True = kept) the kernels use for a tensor of ``shape`` in that layout."""
     n, c, h, w = shape
-    flat = torch.empty(n * h * w, c, dtype=torch.bool)
-    torch.ops.cnnlab_bnact.keep_mask(flat, p, seed)
-    return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    if channels_last:
+        flat = torch.empty(n * h * w, c, dtype=torch.bool)
+        torch.ops.cnnlab_bnact.keep_mask(flat, p, seed, True)
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    flat = torch.empty(n * c, h * w, dtype=torch.bool)
+    torch.ops.cnnlab_bnact.keep_mask(flat, p, seed, False)
+    return flat.view(n, c, h, w)
