@@ -96,9 +96,10 @@ def check_run_dir(run: Path) -> list[dict]:
         assert rows == []
     if "best.pt" in names:
         best = runs.load_checkpoint(run, "best")
-        # best.pt is saved before last.pt: a kill between the two leaves it one epoch ahead, an epoch
-        # the resumed run trains again (bit for bit) and saves again
-        assert 1 <= best["epoch"] <= last["epoch"] + 1
+        # best.pt is saved before last.pt: a kill between the two leaves it one epoch ahead (also in
+        # epoch 1, before any last.pt), an epoch the resumed run trains again (bit for bit) and saves again
+        newest = last["epoch"] if "last.pt" in names else 0
+        assert 1 <= best["epoch"] <= newest + 1
         runs.model_from_checkpoint(best)
     if "result.json" in names:
         runs.read_result(run)

@@ -180,12 +180,17 @@ def test_ema_continues_exactly_across_a_resume(tmp_path, interrupt_at_epoch):
 
 
 def test_compiled_run_trains_like_the_eager_one_and_saves_plain_weights(tmp_path):
-    """``train.compile = true`` (TorchInductor: slow to compile on a CPU, so one short run)."""
-    eager = train(tiny("train.epochs=1"), None)
-    compiled = train(tiny("train.epochs=1", "train.compile=true"), tmp_path / "run")
+    """``train.compile = true`` (TorchInductor: slow to compile on a CPU, so one short run). No
+    dropout: eager training draws its masks in the fused BatchNorm kernel (``cnnlab.bnact``), which
+    the compiled model does not use, so the masks would differ. The three BatchNorm implementations
+    (torch's modules, the fused kernel, Inductor's) round differently; after these 4 steps at LR 0.2
+    the epoch's training loss differed by 7e-5 (modules vs fused) and 1.3e-4 (compiled vs fused),
+    relative: the test allows 5e-4."""
+    eager = train(tiny("train.epochs=1", "model.dropout=0"), None)
+    compiled = train(tiny("train.epochs=1", "model.dropout=0", "train.compile=true"), tmp_path / "run")
     (e,), (c,) = eager.history, compiled.history
-    assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
-    assert c["val_loss"] == pytest.approx(e["val_loss"], rel=1e-4)
+    assert c["train_loss"] == pytest.approx(e["train_loss"], rel=5e-4)
+    assert c["val_loss"] == pytest.approx(e["val_loss"], rel=5e-4)
     ckpt = runs.load_checkpoint(tmp_path / "run", "last")
     assert not any(k.startswith("_orig_mod.") for k in ckpt["state_dict"])  # the module's own names
     assert ckpt["config"]["train"]["compile"] is True

@@ -56,14 +56,14 @@ struct Act {
   bool relu;
   bool dropout;
   uint32_t threshold;  // kept when draw >= threshold
-  float keep_scale;    // 1 / (1 - p)
+  double keep_scale;   // 1 / (1 - p)
   uint64_t seed;
 };
 
 Act make_act(bool relu, double p, int64_t seed) {
   TORCH_CHECK(p >= 0 && p < 1, "bnact: dropout probability must be in [0, 1)");
   const double t = std::min(std::round(p * 4294967296.0), 4294967295.0);
-  return Act{relu, p > 0, uint32_t(t), float(1.0 / (1.0 - p)), uint64_t(seed)};
+  return Act{relu, p > 0, uint32_t(t), 1.0 / (1.0 - p), uint64_t(seed)};
 }
 
 // The work goes by tiles of whole rows, about kTile values: each loop runs over a tile as one flat
@@ -153,13 +153,18 @@ void channel_sums(const Tiles& tiles, F f, std::vector<double>& s1, std::vector<
     }
 }
 
-// Mean and biased variance per channel, from sums shifted by the first row (exact when the mean
-// is large against the spread, where E[x^2] - E[x]^2 would cancel).
+// Mean and biased variance per channel, from sums shifted by the mean of the first tile (exact
+// when the mean is large against the spread, where E[x^2] - E[x]^2 would cancel).
 template <typename T>
 void stats_impl(const T* x, const Tiles& tiles, typename Acc<T>::type* mean, typename Acc<T>::type* var) {
   using A = typename Acc<T>::type;
   std::vector<A> first(tiles.C);
-  for (int64_t c = 0; c < tiles.C; ++c) first[c] = widen(x[c]);
+  const int64_t rows0 = tiles.size(0) / tiles.C;
+  for (int64_t c = 0; c < tiles.C; ++c) {
+    double sum = 0;
+    for (int64_t r = 0; r < rows0; ++r) sum += double(widen(x[r * tiles.C + c]));
+    first[c] = A(sum / double(rows0));
+  }
   const std::vector<A> shift = repeat(first.data(), tiles);
   std::vector<double> s1, s2;
   channel_sums<A>(tiles, [&](int64_t t, A* a1, A* a2) {
@@ -260,19 +265,21 @@ struct Planes {
   int64_t N, C, HW;
 };
 
-// Two per-channel sums: f(p, a1, a2) sums plane p into a1 and a2; planes in parallel, each plane's
-// sums kept apart and added per channel in plane order.
+// Two per-channel sums: f(p, j0, j1, a1, a2) sums values j0..j1-1 of plane p into a1 and a2 (at
+// most kFold values, then added into double); planes in parallel, each plane's sums kept apart
+// and added per channel in plane order.
 template <typename A, typename F>
 void plane_sums(const Planes& g, F f, std::vector<double>& s1, std::vector<double>& s2) {
   const int64_t P = g.N * g.C;
-  std::vector<double> q1(P), q2(P);
+  std::vector<double> q1(P, 0.0), q2(P, 0.0);
   at::parallel_for(0, P, 4, [&](int64_t pb, int64_t pe) {
-    for (int64_t p = pb; p < pe; ++p) {
-      A a1 = A(0), a2 = A(0);
-      f(p, a1, a2);
-      q1[p] = a1;
-      q2[p] = a2;
-    }
+    for (int64_t p = pb; p < pe; ++p)
+      for (int64_t j0 = 0; j0 < g.HW; j0 += kFold) {
+        A a1 = A(0), a2 = A(0);
+        f(p, j0, std::min(j0 + kFold, g.HW), a1, a2);
+        q1[p] += a1;
+        q2[p] += a2;
+      }
   });
   s1.assign(g.C, 0.0);
   s2.assign(g.C, 0.0);
@@ -285,14 +292,18 @@ void plane_sums(const Planes& g, F f, std::vector<double>& s1, std::vector<doubl
 template <typename T>
 void stats_planes(const T* x, const Planes& g, typename Acc<T>::type* mean, typename Acc<T>::type* var) {
   using A = typename Acc<T>::type;
-  std::vector<A> first(g.C);
-  for (int64_t c = 0; c < g.C; ++c) first[c] = widen(x[c * g.HW]);
+  std::vector<A> first(g.C);  // the shift: each channel's mean over the first image
+  for (int64_t c = 0; c < g.C; ++c) {
+    double sum = 0;
+    for (int64_t j = 0; j < g.HW; ++j) sum += double(widen(x[c * g.HW + j]));
+    first[c] = A(sum / double(g.HW));
+  }
   std::vector<double> s1, s2;
-  plane_sums<A>(g, [&](int64_t p, A& a1, A& a2) {
+  plane_sums<A>(g, [&](int64_t p, int64_t j0, int64_t j1, A& a1, A& a2) {
     const T* xp = x + p * g.HW;
     const A k = first[p % g.C];
     #pragma omp simd reduction(+ : a1, a2)
-    for (int64_t j = 0; j < g.HW; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const A d = widen(xp[j]) - k;
       a1 += d;
       a2 += d * d;
@@ -331,18 +342,18 @@ void backward_planes(const T* dy, const T* x, const typename Acc<T>::type* mean,
                      typename Acc<T>::type* sum_gd, const Planes& g, const Act& a) {
   using A = typename Acc<T>::type;
   std::vector<double> s1, s2;
-  plane_sums<A>(g, [&](int64_t p, A& a1, A& a2) {
+  plane_sums<A>(g, [&](int64_t p, int64_t j0, int64_t j1, A& a1, A& a2) {
     thread_local std::vector<A> keep;
     const T *xp = x + p * g.HW, *gp = dy + p * g.HW;
     const int64_t c = p % g.C;
     const A sc = scale[c], sh = shift[c], m = mean[c];
-    if (DROP) {
+    if (DROP && j0 == 0) {  // once per plane, before its first range
       keep.resize(g.HW);
       drop_factors(p, g.HW, a, keep.data());
     }
     const A* kp = DROP ? keep.data() : nullptr;
     #pragma omp simd reduction(+ : a1, a2)
-    for (int64_t j = 0; j < g.HW; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const A v = widen(xp[j]);
       const A gr = gate<RELU, DROP>(widen(gp[j]), std::fma(v, sc, sh), DROP ? kp[j] : A(1));
       a1 += gr;
@@ -378,13 +389,12 @@ void backward_planes(const T* dy, const T* x, const typename Acc<T>::type* mean,
 }
 
 // ---------------------------------------------------------------- checks and dispatch
-// x's layout: channels_last (where a tensor is both, as with 1x1 maps) or contiguous NCHW
-bool is_channels_last(const at::Tensor& x) {
+// x is 4-D, with more than one value per channel, in the layout the caller names
+void check_input(const at::Tensor& x, bool channels_last) {
   TORCH_CHECK(x.dim() == 4, "bnact: x must be 4-D");
   TORCH_CHECK(x.size(1) > 0 && x.numel() > x.size(1), "bnact: need more than 1 value per channel");
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
-  TORCH_CHECK(x.is_contiguous(), "bnact: x must be channels_last or contiguous");
-  return false;
+  TORCH_CHECK(x.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+              "bnact: x must be ", channels_last ? "channels_last" : "contiguous (NCHW)");
 }
 
 template <typename A>
@@ -409,14 +419,15 @@ void affine(const A* weight, const A* bias, const A* mean, const A* invstd, int6
 
 // (out, mean, invstd); running_mean and running_var (when given) move towards the batch's mean and
 // unbiased variance by ``momentum``, as torch's BatchNorm does
-// (out, mean, invstd); running_mean and running_var (when given) move towards the batch's mean and
-// unbiased variance by ``momentum``, as torch's BatchNorm does. out has x's layout.
+// (out, mean, invstd) for x channels_last (cl) or NCHW; running_mean and running_var (when given)
+// move towards the batch's mean and unbiased variance by ``momentum``, as torch's BatchNorm does.
+// out has x's layout.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
                                                        const at::Tensor& bias,
                                                        const std::optional<at::Tensor>& running_mean,
                                                        const std::optional<at::Tensor>& running_var, double momentum,
-                                                       double eps, bool relu, double p, int64_t seed) {
-  const bool cl = is_channels_last(x);
+                                                       double eps, bool relu, double p, int64_t seed, bool cl) {
+  check_input(x, cl);
   const int64_t C = x.size(1), R = x.numel() / C;
   const Planes planes{x.size(0), C, x.size(2) * x.size(3)};
   const Act a = make_act(relu, p, seed);
@@ -459,8 +470,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& weight, const at::Tensor& bias,
                                                         const at::Tensor& mean, const at::Tensor& invstd, bool relu,
-                                                        double p, int64_t seed, bool want_x) {
-  const bool cl = is_channels_last(x);
+                                                        double p, int64_t seed, bool want_x, bool cl) {
+  check_input(x, cl);
   const int64_t C = x.size(1), R = x.numel() / C;
   const Planes planes{x.size(0), C, x.size(2) * x.size(3)};
   const auto layout = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -513,8 +524,9 @@ void keep_mask(const at::Tensor& out, double p, int64_t seed, bool channels_last
 
 TORCH_LIBRARY(cnnlab_bnact, m) {
   m.def("forward(Tensor x, Tensor weight, Tensor bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-        "float momentum, float eps, bool relu, float p, int seed) -> (Tensor, Tensor, Tensor)", &forward);
+        "float momentum, float eps, bool relu, float p, int seed, bool channels_last) -> (Tensor, Tensor, Tensor)",
+        &forward);
   m.def("backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, bool relu, float p, "
-        "int seed, bool want_x) -> (Tensor, Tensor, Tensor)", &backward);
+        "int seed, bool want_x, bool channels_last) -> (Tensor, Tensor, Tensor)", &backward);
   m.def("keep_mask(Tensor(a!) out, float p, int seed, bool channels_last) -> ()", &keep_mask);
 }

@@ -35,7 +35,9 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 def applies(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
     """Whether the kernels cover this call (checked before anything is built): a BatchNorm2d in
     training mode on a CPU input, channels_last or NCHW, of a supported dtype, more than one value per
-    channel, parameters in the accumulation dtype, outside torch.compile and tracing."""
+    channel, parameters in the accumulation dtype, outside torch.compile and any tracing."""
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing (torch.fx) records the modules one by one
+        return False
     acc = accumulation_dtype(x)
     return (bn.training and x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES
             and x.shape[1] == bn.num_features and x.numel() > x.shape[1]
@@ -53,17 +55,18 @@ def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool, p: float) ->
     """``dropout(relu(bn(x)), p)`` (ReLU only if ``relu``; no dropout if ``p == 0``) for a BatchNorm2d
     in training mode, updating its running statistics as ``bn(x)`` would. Call where ``applies``
     and ``available``."""
+    counting = bn.track_running_stats and bn.num_batches_tracked is not None
     momentum = bn.momentum
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(bn.num_batches_tracked)
+    if momentum is None and counting:  # cumulative moving average
+        momentum = 1.0 / (float(bn.num_batches_tracked) + 1)
     acc = accumulation_dtype(x)
     weight = bn.weight if bn.weight is not None else torch.ones(x.shape[1], dtype=acc)
     bias = bn.bias if bn.bias is not None else torch.zeros(x.shape[1], dtype=acc)
     seed = random_seed() if p > 0 else 0
-    return BatchNormAct.apply(x, weight, bias, bn.running_mean, bn.running_var, momentum or 0.0, bn.eps, relu, p,
-                              seed)
+    out = BatchNormAct.apply(x, weight, bias, bn.running_mean, bn.running_var, momentum or 0.0, bn.eps, relu, p, seed)
+    if counting:
+        bn.num_batches_tracked.add_(1)
+    return out
 
 
 class BatchNormAct(torch.autograd.Function):
@@ -74,21 +77,24 @@ class BatchNormAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, relu: bool, p: float,
                 seed: int) -> torch.Tensor:
         w, b = weight.detach(), bias.detach()
+        cl = x.is_contiguous(memory_format=torch.channels_last)  # else NCHW (applies() checked)
         out, mean, invstd = torch.ops.cnnlab_bnact.forward(x, w, b, running_mean, running_var, momentum, eps, relu,
-                                                           p, seed)
+                                                           p, seed, cl)
         ctx.save_for_backward(x, w, b, mean, invstd)
-        ctx.act = (relu, p, seed)
+        ctx.act = (relu, p, seed, cl)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        relu, p, seed = ctx.act
+        relu, p, seed, cl = ctx.act
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        # the forward's layout (a saved-tensor hook may give x back in another): the dropout masks depend on it
+        layout = torch.channels_last if cl else torch.contiguous_format
         grad_x, grad_w, grad_b = torch.ops.cnnlab_bnact.backward(
-            grad.contiguous(memory_format=layout), x, weight, bias, mean, invstd, relu, p, seed, want_x)
+            grad.contiguous(memory_format=layout), x.contiguous(memory_format=layout), weight, bias, mean, invstd,
+            relu, p, seed, want_x, cl)
         return ((grad_x if want_x else None), (grad_w if want_w else None), (grad_b if want_b else None),
                 None, None, None, None, None, None, None)
 

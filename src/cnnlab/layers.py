@@ -63,7 +63,9 @@ class ConvBlock(nn.Sequential):
     the same values (up to rounding; another dropout mask) in a third of the memory traffic. In
     eval mode, elsewhere, or when one of those modules has hooks (which would not fire inside
     the fused kernel), the children run one by one as in ``nn.Sequential``; ``fused = False`` turns
-    the kernel off. Same children, same state_dict keys as a plain Sequential.
+    the kernel off. Same children, same state_dict keys as a plain Sequential. In training mode
+    the fused path has no double backward (``create_graph=True``) and no ``torch.func`` rule, and
+    the block cannot be scripted (``torch.jit.script``): set ``fused = False`` for those.
     """
 
     def __init__(self, *modules: nn.Module):
@@ -78,7 +80,7 @@ class ConvBlock(nn.Sequential):
         while i < len(mods):
             run = _bn_act_run(mods, i)
             if run and bnact.applies(x, mods[i]) and not any(_hooked(m) for m in run) and bnact.available():
-                p = run[2].p if len(run) == 3 else 0.0
+                p = run[2].p if len(run) == 3 and run[2].training else 0.0
                 x = bnact.batch_norm_act(x, mods[i], relu=True, p=p)
                 i += len(run)
             else:
@@ -89,7 +91,7 @@ class ConvBlock(nn.Sequential):
 
 def _bn_act_run(mods: list[nn.Module], i: int) -> list[nn.Module]:
     """[BatchNorm2d, ReLU] or [BatchNorm2d, ReLU, Dropout] starting at ``mods[i]``, else []."""
-    if not (isinstance(mods[i], nn.BatchNorm2d) and i + 1 < len(mods) and type(mods[i + 1]) in (ReLU, nn.ReLU)):
+    if not (type(mods[i]) is nn.BatchNorm2d and i + 1 < len(mods) and type(mods[i + 1]) in (ReLU, nn.ReLU)):
         return []
     if i + 2 < len(mods) and type(mods[i + 2]) is Dropout:
         return mods[i:i + 3]
