@@ -58,8 +58,8 @@ def conv_bn(
 class ConvBlock(nn.Sequential):
     """A Sequential whose BatchNorm2d -> ReLU [-> Dropout] runs as one fused kernel in CPU training.
 
-    In training mode, for a CPU input, channels_last or NCHW (``bnact.applies``), each BatchNorm2d followed
-    by a ReLU, and that ReLU by an optional ``Dropout``, is computed by ``bnact.batch_norm_act``:
+    In training mode, for a CPU input, channels_last or NCHW (``bnact.applies``), each BatchNorm2d
+    followed by a ReLU, and that ReLU by an optional ``Dropout``, is computed by ``bnact.batch_norm_act``:
     the same values (up to rounding; another dropout mask) in a third of the memory traffic. In
     eval mode, elsewhere, or when one of those modules has hooks (which would not fire inside
     the fused kernel), the children run one by one as in ``nn.Sequential``; ``fused = False`` turns
