@@ -153,6 +153,36 @@ void channel_sums(const Tiles& tiles, F f, std::vector<double>& s1, std::vector<
     }
 }
 
+// Mean and biased variance per channel from sums of (x - first) and its square over R values.
+template <typename A>
+void moments(const std::vector<double>& s1, const std::vector<double>& s2, const std::vector<A>& first, double R,
+             A* mean, A* var) {
+  for (size_t c = 0; c < first.size(); ++c) {
+    const double m = s1[c] / R;
+    mean[c] = A(double(first[c]) + m);
+    var[c] = A(std::max(s2[c] / R - m * m, 0.0));
+  }
+}
+
+// From the backward sums (of g and of g * (x - mean)) over R values: the bias and weight sums, and
+// per channel grad_x = w * (g - k1 - (x - mean) * k2).
+template <typename A>
+void backward_coefficients(const std::vector<double>& s1, const std::vector<double>& s2, double R, const A* invstd,
+                           const A* weight, A* sum_g, A* sum_gd, std::vector<A>& k1, std::vector<A>& k2,
+                           std::vector<A>& w) {
+  const size_t C = s1.size();
+  k1.resize(C);
+  k2.resize(C);
+  w.resize(C);
+  for (size_t c = 0; c < C; ++c) {
+    sum_g[c] = A(s1[c]);
+    sum_gd[c] = A(s2[c]);
+    k1[c] = A(s1[c] / R);
+    k2[c] = A(s2[c] / R * double(invstd[c]) * double(invstd[c]));
+    w[c] = weight[c] * invstd[c];
+  }
+}
+
 // Mean and biased variance per channel, from sums shifted by the mean of the first tile (exact
 // when the mean is large against the spread, where E[x^2] - E[x]^2 would cancel).
 template <typename T>
@@ -177,12 +207,7 @@ void stats_impl(const T* x, const Tiles& tiles, typename Acc<T>::type* mean, typ
       a2[j] += d * d;
     }
   }, s1, s2);
-  const int64_t R = tiles.R;
-  for (int64_t c = 0; c < tiles.C; ++c) {
-    const double m = s1[c] / double(R);
-    mean[c] = A(double(first[c]) + m);
-    var[c] = A(std::max(s2[c] / double(R) - m * m, 0.0));
-  }
+  moments(s1, s2, first, double(tiles.R), mean, var);
 }
 
 template <bool RELU, bool DROP, typename T>
@@ -211,7 +236,7 @@ void backward_impl(const T* dy, const T* x, const typename Acc<T>::type* mean_c,
                    const typename Acc<T>::type* shift_c, T* gx, typename Acc<T>::type* sum_g,
                    typename Acc<T>::type* sum_gd, const Tiles& tiles, const Act& a) {
   using A = typename Acc<T>::type;
-  const int64_t C = tiles.C, R = tiles.R;
+  const int64_t R = tiles.R;
   const std::vector<A> scale = repeat(scale_c, tiles), shift = repeat(shift_c, tiles), mean = repeat(mean_c, tiles);
   std::vector<double> s1, s2;
   channel_sums<A>(tiles, [&](int64_t t, A* a1, A* a2) {
@@ -231,14 +256,8 @@ void backward_impl(const T* dy, const T* x, const typename Acc<T>::type* mean_c,
       a2[j] += g * (v - mean[j]);
     }
   }, s1, s2);
-  std::vector<A> k1c(C), k2c(C), wc(C);
-  for (int64_t c = 0; c < C; ++c) {
-    sum_g[c] = A(s1[c]);
-    sum_gd[c] = A(s2[c]);
-    k1c[c] = A(s1[c] / double(R));
-    k2c[c] = A(s2[c] / double(R) * double(invstd[c]) * double(invstd[c]));
-    wc[c] = weight[c] * invstd[c];
-  }
+  std::vector<A> k1c, k2c, wc;
+  backward_coefficients(s1, s2, double(R), invstd, weight, sum_g, sum_gd, k1c, k2c, wc);
   if (!gx) return;
   const std::vector<A> k1 = repeat(k1c.data(), tiles), k2 = repeat(k2c.data(), tiles), w = repeat(wc.data(), tiles);
   at::parallel_for(0, tiles.count, 4, [&](int64_t tb, int64_t te) {
@@ -309,12 +328,7 @@ void stats_planes(const T* x, const Planes& g, typename Acc<T>::type* mean, type
       a2 += d * d;
     }
   }, s1, s2);
-  const double R = double(g.N * g.HW);
-  for (int64_t c = 0; c < g.C; ++c) {
-    const double m = s1[c] / R;
-    mean[c] = A(double(first[c]) + m);
-    var[c] = A(std::max(s2[c] / R - m * m, 0.0));
-  }
+  moments(s1, s2, first, double(g.N * g.HW), mean, var);
 }
 
 template <bool RELU, bool DROP, typename T>
@@ -360,15 +374,8 @@ void backward_planes(const T* dy, const T* x, const typename Acc<T>::type* mean,
       a2 += gr * (v - m);
     }
   }, s1, s2);
-  const double R = double(g.N * g.HW);
-  std::vector<A> k1(g.C), k2(g.C), w(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    sum_g[c] = A(s1[c]);
-    sum_gd[c] = A(s2[c]);
-    k1[c] = A(s1[c] / R);
-    k2[c] = A(s2[c] / R * double(invstd[c]) * double(invstd[c]));
-    w[c] = weight[c] * invstd[c];
-  }
+  std::vector<A> k1, k2, w;
+  backward_coefficients(s1, s2, double(g.N * g.HW), invstd, weight, sum_g, sum_gd, k1, k2, w);
   if (!gx) return;
   at::parallel_for(0, g.N * g.C, 4, [&](int64_t pb, int64_t pe) {
     std::vector<A> keep(DROP ? g.HW : 0);
