@@ -1,9 +1,10 @@
-"""cnnlab's fused BatchNorm -> ReLU [-> dropout] training kernels (``cnnlab.bnact``) against torch's
-modules one by one, in one run.
+"""cnnlab's fused BatchNorm -> ReLU/GELU [-> dropout] training kernels (``cnnlab.bnact``) against
+torch's modules one by one, in one run.
 
-First every BatchNorm2d -> ReLU [-> Dropout] site of ``mnist_tiny`` (batch 128) and ``cifar_dw56k``
-(batch 32), bf16 and fp32, channels_last: forward and backward of torch's modules (``BatchNorm2d``,
-cnnlab's in-place ``ReLU`` and ``Dropout``) and of the fused kernel, taking turns repeat by repeat,
+First every BatchNorm2d -> ReLU/GELU [-> Dropout] site of ``mnist_tiny`` (batch 128), ``cifar_dw56k``
+(batch 32) and ``airbench94`` (GELU, batch 256), bf16 and fp32, channels_last: forward and backward
+of torch's modules (``BatchNorm2d``, in-place ``ReLU`` or ``GELU``, cnnlab's ``Dropout``) and of
+the fused kernel, taking turns repeat by repeat,
 medians. "MB" is the least memory traffic a pass needs (forward: read x, write y; backward: read dy
 and x, write dx); "% of bandwidth" compares it with this machine's copy bandwidth, measured here.
 Then whole training steps (forward, backward, SGD; bf16 autocast, channels_last) of zoo models with
@@ -17,7 +18,6 @@ Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,16 +28,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cnnlab import bnact  # noqa: E402
-from cnnlab.bench import copy_bandwidth_gbs, cpu_name, interleaved_step_times  # noqa: E402
+from cnnlab.bench import copy_bandwidth_gbs, cpu_name, interleaved_pass_times, switched_step_times  # noqa: E402
 from cnnlab.layers import ConvBlock, Dropout  # noqa: E402
 from cnnlab.models import create_model, get_spec  # noqa: E402
 
-SITES = {"mnist_tiny": 128, "cifar_dw56k": 32}
-STEPS = {"mnist_tiny": 128, "mnist_fast": 256, "cifar_dw56k": 32, "resnet9": 64}
+SITES = {"mnist_tiny": 128, "cifar_dw56k": 32, "airbench94": 256}
+STEPS = {"mnist_tiny": 128, "mnist_fast": 256, "cifar_dw56k": 32, "resnet9": 64, "airbench94": 256}
 
 
 def sites(model_name: str, batch: int) -> list[dict]:
-    """Input shape and dropout of every fusable BatchNorm2d -> ReLU [-> Dropout] run of a model."""
+    """Input shape, activation and dropout of every fusable BatchNorm2d -> ReLU/GELU [-> Dropout] run of a model."""
     model = create_model(model_name).to(memory_format=torch.channels_last)
     found, hooks = [], []
     for m in model.modules():
@@ -46,8 +46,10 @@ def sites(model_name: str, batch: int) -> list[dict]:
             for i, k in enumerate(kids[:-1]):
                 if isinstance(k, nn.BatchNorm2d):
                     p = kids[i + 2].p if i + 2 < len(kids) and isinstance(kids[i + 2], Dropout) else 0.0
+                    act = "gelu" if isinstance(kids[i + 1], nn.GELU) else "relu"
                     hooks.append(k.register_forward_hook(
-                        lambda mod, inp, out, p=p: found.append({"shape": tuple(inp[0].shape), "p": p})))
+                        lambda mod, inp, out, p=p, act=act: found.append({"shape": tuple(inp[0].shape), "p": p,
+                                                                          "act": act})))
     with torch.no_grad():
         model.eval()(torch.zeros(batch, *get_spec(model_name).input_shape).to(memory_format=torch.channels_last))
     for h in hooks:
@@ -55,47 +57,18 @@ def sites(model_name: str, batch: int) -> list[dict]:
     return found
 
 
-def time_site(shape: tuple, p: float, dtype: torch.dtype, repeats: int, clock) -> dict:
+def time_site(shape: tuple, act: str, p: float, dtype: torch.dtype, repeats: int, clock) -> dict:
     """Median forward and backward seconds of torch's modules and of the fused kernel."""
     c = shape[1]
-    torch_mods = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True), *([Dropout(p)] if p else []))
+    torch_act = nn.GELU() if act == "gelu" else nn.ReLU(inplace=True)
+    torch_mods = nn.Sequential(nn.BatchNorm2d(c), torch_act, *([Dropout(p)] if p else []))
     fused_bn = nn.BatchNorm2d(c)
     variants = {
         "torch": lambda x: torch_mods(x),
-        "fused": lambda x: bnact.batch_norm_act(x, fused_bn, relu=True, p=p),
+        "fused": lambda x: bnact.batch_norm_act(x, fused_bn, act=act, p=p),
     }
     x0 = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn_like(x0)
-    times = {name: ([], []) for name in variants}
-    for i in range(repeats + 1):
-        for name, fn in variants.items():
-            x = x0.clone().requires_grad_()
-            y0 = x * 1  # a non-leaf input, as in a network (in-place ReLU needs one)
-            t0 = clock()
-            y = fn(y0)
-            t1 = clock()
-            y.backward(grad)
-            t2 = clock()
-            if i:
-                times[name][0].append(t1 - t0)
-                times[name][1].append(t2 - t1)
-    return {name: (statistics.median(f), statistics.median(b)) for name, (f, b) in times.items()}
-
-
-def step_times(model_name: str, batch: int, repeats: int, clock) -> dict:
-    """Median seconds of a training step with the fused kernel off and on."""
-    torch.manual_seed(0)
-    x = torch.randn(batch, *get_spec(model_name).input_shape).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    setups = {}
-    for name, fused in (("modules", False), ("fused", True)):
-        torch.manual_seed(0)
-        model = create_model(model_name).to(memory_format=torch.channels_last)
-        for m in model.modules():
-            if isinstance(m, ConvBlock):
-                m.fused = fused
-        setups[name] = (model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
-    return interleaved_step_times(setups, x, y, torch.bfloat16, repeats, clock)
+    return interleaved_pass_times(variants, x0, torch.randn_like(x0), repeats, clock)
 
 
 def main() -> None:
@@ -118,12 +91,12 @@ def main() -> None:
     totals: dict = {}
     for model_name, batch in SITES.items():
         for site in sites(model_name, batch):
-            shape, p = site["shape"], site["p"]
+            shape, act, p = site["shape"], site["act"], site["p"]
             for dtype in (torch.bfloat16, torch.float32):
                 size = torch.tensor([], dtype=dtype).element_size()
                 numel = torch.Size(shape).numel()
                 fwd_bytes, bwd_bytes = 2 * size * numel, 3 * size * numel
-                res = time_site(shape, p, dtype, args.repeats, clock)
+                res = time_site(shape, act, p, dtype, args.repeats, clock)
                 ref = sum(res["torch"])
                 for name, (tf, tb) in res.items():
                     key = (model_name, str(dtype)[6:], name)
@@ -142,9 +115,8 @@ def main() -> None:
     print("| model | batch | modules ms/step | fused ms/step | speed-up |")
     print("|---|---:|---:|---:|---:|")
     for model_name, batch in STEPS.items():
-        t = step_times(model_name, batch, args.repeats, clock)
-        print(f"| {model_name} | {batch} | {1e3 * t['modules']:.1f} | {1e3 * t['fused']:.1f} | "
-              f"{t['modules'] / t['fused']:.2f}x |")
+        t = switched_step_times(model_name, batch, ConvBlock, "fused", args.repeats, clock)
+        print(f"| {model_name} | {batch} | {1e3 * t['off']:.1f} | {1e3 * t['on']:.1f} | {t['off'] / t['on']:.2f}x |")
 
 
 if __name__ == "__main__":

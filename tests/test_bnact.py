@@ -33,30 +33,32 @@ def batch_norm(channels, dtype=torch.float32, momentum=0.1, seed=1):
     return bn
 
 
-CASES = [(True, 0.0), (True, 0.3), (False, 0.2), (False, 0.0)]
+CASES = [("relu", 0.0), ("relu", 0.3), ("", 0.2), ("", 0.0), ("gelu", 0.0), ("gelu", 0.3)]
+REFERENCE_ACTS = {"relu": F.relu, "gelu": F.gelu, "": lambda t: t}
 # a few channels; C that does not divide a tile; many tiles in several chunks; C above a tile; 1x2 maps
 SHAPES = [(4, 16, 9, 7), (2, 24, 5, 5), (3, 5, 4, 6), (64, 24, 16, 16), (2, 600, 3, 3), (1, 3, 1, 2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("relu,p", CASES)
+@pytest.mark.parametrize("act,p", CASES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
-def test_values_gradients_and_running_stats_match_torch(dtype, relu, p, shape, layout):
-    """Against F.batch_norm -> relu -> the kernels' own mask, in float64 from the same inputs."""
+def test_values_gradients_and_running_stats_match_torch(dtype, act, p, shape, layout):
+    """Against F.batch_norm -> relu or gelu -> the kernels' own mask, in float64 from the same inputs."""
     x = channels_last(*shape, dtype=dtype, loc=3.0, scale=2.0)
     x = (x if layout == "channels_last" else x.contiguous()).requires_grad_()
     cl = x.is_contiguous(memory_format=torch.channels_last)  # a tensor can be both: the kernels take it as channels_last
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     bn, ref_bn = batch_norm(shape[1], acc), batch_norm(shape[1], torch.float64)
     seed = 987654321
-    out = bnact.BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, bn.eps, relu, p, seed)
+    out = bnact.BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, bn.eps,
+                                   bnact.ACTS[act], p, seed)
     grad = channels_last(*shape, dtype=dtype, seed=5)
     out.backward(grad)  # a channels_last gradient, whatever x's layout
 
     x64 = x.detach().double().requires_grad_()
     ref = F.batch_norm(x64, ref_bn.running_mean, ref_bn.running_var, ref_bn.weight, ref_bn.bias, True, 0.1, bn.eps)
-    ref = F.relu(ref) if relu else ref
+    ref = REFERENCE_ACTS[act](ref)
     ref = ref * bnact.keep_mask(shape, p, seed, channels_last=cl) / (1 - p)
     ref.backward(grad.double())
     tol = {torch.bfloat16: dict(rtol=2e-2, atol=3e-2), torch.float32: dict(rtol=1e-4, atol=1e-4),
@@ -70,13 +72,14 @@ def test_values_gradients_and_running_stats_match_torch(dtype, relu, p, shape, l
     torch.testing.assert_close(bn.running_var.double(), ref_bn.running_var, **tol)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_gradcheck_float64(act):
     x = channels_last(2, 3, 4, 5, dtype=torch.float64).requires_grad_()
     bn = batch_norm(3, torch.float64)
 
     def f(x, w, b):
         return bnact.BatchNormAct.apply(x.contiguous(memory_format=torch.channels_last), w, b, None, None, 0.0, 1e-5,
-                                        True, 0.25, 7)
+                                        bnact.ACTS[act], 0.25, 7)
 
     assert torch.autograd.gradcheck(f, (x, bn.weight, bn.bias))
 
@@ -86,7 +89,7 @@ def test_running_statistics_follow_torch(momentum):
     fused, plain = batch_norm(8, momentum=momentum), batch_norm(8, momentum=momentum)
     for step in range(3):
         x = channels_last(4, 8, 5, 5, seed=step, loc=step, scale=1 + step)
-        bnact.batch_norm_act(x, fused, relu=True, p=0.0)
+        bnact.batch_norm_act(x, fused, act="relu", p=0.0)
         plain(x)
     torch.testing.assert_close(fused.running_mean, plain.running_mean)
     torch.testing.assert_close(fused.running_var, plain.running_var)
@@ -101,7 +104,7 @@ def test_statistics_stay_exact_when_the_mean_dwarfs_the_spread(layout):
     x[0, :, 0, 0] = 0.0
     x = x if layout == "channels_last" else x.contiguous()
     bn = nn.BatchNorm2d(4, momentum=1.0)  # running statistics = this batch's
-    bnact.batch_norm_act(x, bn, relu=False, p=0.0)
+    bnact.batch_norm_act(x, bn, act="", p=0.0)
     x64 = x.double()
     torch.testing.assert_close(bn.running_mean.double(), x64.mean((0, 2, 3)), rtol=1e-7, atol=1e-6)
     torch.testing.assert_close(bn.running_var.double(), x64.var((0, 2, 3)), rtol=1e-4, atol=0)
@@ -126,13 +129,14 @@ def test_dropout_masks_have_the_rate_and_are_independent():
     assert abs((1 - nchw.float().mean().item()) - p) < 5 * sd
 
 
-def block(dropout=0.0, c_in=3, c_out=16):
+def block(dropout=0.0, c_in=3, c_out=16, act=nn.ReLU):
     torch.manual_seed(0)
-    return conv_bn(c_in, c_out, dropout=dropout).to(memory_format=torch.channels_last)
+    return conv_bn(c_in, c_out, dropout=dropout, act=act).to(memory_format=torch.channels_last)
 
 
-def test_conv_block_trains_like_its_children_one_by_one():
-    fused, plain = block(), block()
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU])
+def test_conv_block_trains_like_its_children_one_by_one(act):
+    fused, plain = block(act=act), block(act=act)
     x = channels_last(4, 3, 10, 10).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     y = fused(x)
@@ -203,9 +207,10 @@ def test_applies_only_where_the_kernels_cover_the_call(case):
     elif case == "one value per channel":
         x = channels_last(1, 4, 1, 1)
     if case == "other act":
-        seq = ConvBlock(nn.Conv2d(4, 4, 1), bn, nn.GELU())
-        y = seq.to(memory_format=torch.channels_last)(x)
-        assert not type(y.grad_fn).__name__.startswith("BatchNormAct")
+        for act in (nn.GELU(approximate="tanh"), nn.SiLU()):
+            seq = ConvBlock(nn.Conv2d(4, 4, 1), bn, act)
+            y = seq.to(memory_format=torch.channels_last)(x)
+            assert not type(y.grad_fn).__name__.startswith("BatchNormAct")
         return
     if case == "compile":  # tracing with fake tensors would fail on the kernels (they have no meta function)
         seq = ConvBlock(bn, ReLU())
@@ -227,7 +232,7 @@ def test_a_failed_build_warns_once_and_the_block_falls_back(monkeypatch):
     monkeypatch.setattr(ext, "build", no_compiler)
     ext.load.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="BatchNorm \\+ ReLU \\+ dropout could not be built"):
+        with pytest.warns(RuntimeWarning, match="BatchNorm \\+ activation \\+ dropout could not be built"):
             assert not bnact.available()
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -179,3 +179,26 @@ def test_airbench_convs_start_as_identity():
         assert torch.allclose(y[:, :k], x[:, :k], atol=1e-6)
         if conv.out_channels > k:  # the other filters keep their random init
             assert conv.weight[k:].abs().sum() > 0
+
+
+def test_resnet9_page_whitening_frozen_bn_scales_and_a_training_step():
+    torch.manual_seed(0)
+    images = nn.functional.avg_pool2d(torch.randn(32, 3, 34, 34), 3, stride=1)
+    images = (images - images.mean()) / images.std()
+    model = create_model("resnet9_page")
+    conv = model.features[0]
+    assert conv.out_channels == 2 * 27 and conv.kernel_size == (3, 3)
+    model.init_from_data(images)
+    assert torch.equal(conv.weight[27:], -conv.weight[:27])
+    with torch.no_grad():
+        y = conv(images)[:, :27].permute(0, 2, 3, 1)[:, 1:-1, 1:-1].reshape(-1, 27).double()  # inner pixels: no padding
+    assert ((y.T @ y / y.shape[0]) - torch.eye(27, dtype=torch.float64)).abs().max() < 0.1
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 8 and not any(bn.weight.requires_grad for bn in bns)
+    model.train()
+    out = model(images)
+    assert out.shape == (32, 10)
+    nn.functional.cross_entropy(out, torch.randint(0, 10, (32,))).backward()
+    assert all(bn.weight.grad is None and bn.bias.grad.abs().sum() > 0 for bn in bns)
+    assert conv.weight.grad is None and conv.bias.grad is not None
+    assert torch.equal(bns[0].weight, torch.ones(64))  # frozen at 1

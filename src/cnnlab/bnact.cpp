@@ -1,5 +1,5 @@
-// BatchNorm in training mode fused with the ReLU and dropout that follow it, on CPU, for
-// channels_last or NCHW tensors: forward and backward in two passes over memory each.
+// BatchNorm in training mode fused with the activation (ReLU or GELU) and dropout that follow it, on
+// CPU, for channels_last or NCHW tensors: forward and backward in two passes over memory each.
 //
 // Built on first use by cnnlab/ext.py and registered as torch.ops.cnnlab_bnact.{forward,backward,keep_mask}.
 //
@@ -10,9 +10,10 @@
 //
 // Dropout draws no random tensor: an element is kept when a hash of (its tile or plane, its place
 // there, the seed) is at least p * 2^32, so backward recomputes the mask from the seed instead of
-// storing it, and the ReLU mask is recomputed from x and the per-channel scale and shift (with fma,
-// so both passes agree). Torch's modules (batch_norm, relu, dropout) write and read six more
-// full-size tensors.
+// storing it, and BN's output z (for the ReLU mask or GELU's derivative) is recomputed from x and
+// the per-channel scale and shift (with fma, so both passes agree). GELU is the exact one,
+// z * Phi(z), with Phi from a polynomial erf (absolute error < 1.5e-7) in float32 and bfloat16.
+// Torch's modules (batch_norm, relu, dropout) write and read six more full-size tensors.
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -52,18 +53,57 @@ inline uint32_t tile_draw(uint64_t t, uint64_t seed) {
 }
 inline uint32_t draw(uint32_t tile, uint32_t j) { return fmix(tile ^ (j * 0x9E3779B1u)); }
 
+// the activation after BN: none, ReLU, or GELU (exact: z * Phi(z))
+enum Kind : int64_t { kNone = 0, kRelu = 1, kGelu = 2 };
+
 struct Act {
-  bool relu;
+  int64_t kind;
   bool dropout;
   uint32_t threshold;  // kept when draw >= threshold
   double keep_scale;   // 1 / (1 - p)
   uint64_t seed;
 };
 
-Act make_act(bool relu, double p, int64_t seed) {
+Act make_act(int64_t kind, double p, int64_t seed) {
+  TORCH_CHECK(kind == kNone || kind == kRelu || kind == kGelu, "bnact: act must be 0 (none), 1 (ReLU) or 2 (GELU)");
   TORCH_CHECK(p >= 0 && p < 1, "bnact: dropout probability must be in [0, 1)");
   const double t = std::min(std::round(p * 4294967296.0), 4294967295.0);
-  return Act{relu, p > 0, uint32_t(t), 1.0 / (1.0 - p), uint64_t(seed)};
+  return Act{kind, p > 0, uint32_t(t), 1.0 / (1.0 - p), uint64_t(seed)};
+}
+
+// exp(x) for x <= 0 in float, vectorisable: 2^k times a degree-6 polynomial on |r| <= ln2 / 2
+// (relative error ~2e-7); below -87 it gives exp(-87), ~1.6e-38. (No std::max, whose reference
+// result, and no std::floor, which may not raise "inexact", keep the compiler from vectorising.)
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // x / ln2 rounded to an integer (1.5 * 2^23 trick)
+  const float r = std::fma(k, -1.42860677e-06f, std::fma(k, -0.693145751953125f, x));  // x - k ln2, in two parts
+  float q = 1.0f / 720;
+  q = std::fma(q, r, 1.0f / 120);
+  q = std::fma(q, r, 1.0f / 24);
+  q = std::fma(q, r, 1.0f / 6);
+  q = std::fma(q, r, 0.5f);
+  q = std::fma(q, r, 1.0f);
+  q = std::fma(q, r, 1.0f);
+  const int32_t bits = (int32_t(k) + 127) << 23;  // 2^k, k in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return q * scale;
+}
+
+// The standard normal's cdf Phi(z) and density phi(z). Float: erf(|z| / sqrt 2) from Abramowitz &
+// Stegun 7.1.26 (absolute error < 1.5e-7), which needs the same exp(-z^2 / 2) as the density.
+inline void normal(float z, float& cdf, float& pdf) {
+  const float e = exp_nonpositive(-0.5f * z * z);
+  const float t = 1.0f / std::fma(0.3275911f * 0.70710678f, std::fabs(z), 1.0f);
+  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float tail = 0.5f * poly * e;  // Phi(-|z|)
+  cdf = z < 0.0f ? tail : 1.0f - tail;
+  pdf = 0.398942280f * e;
+}
+inline void normal(double z, double& cdf, double& pdf) {
+  cdf = 0.5 * std::erfc(-z * 0.70710678118654752);
+  pdf = 0.39894228040143268 * std::exp(-0.5 * z * z);
 }
 
 // The work goes by tiles of whole rows, about kTile values: each loop runs over a tile as one flat
@@ -94,27 +134,41 @@ void drop_factors(int64_t t, int64_t n, const Act& a, A* f) {
   for (uint32_t j = 0; j < uint32_t(n); ++j) f[j] = draw(th, j) >= a.threshold ? s : A(0);
 }
 
-// What reaches the output from BN's output z: ReLU, then times the dropout factor.
-template <bool RELU, bool DROP, typename A>
+// What reaches the output from BN's output z: the activation, then times the dropout factor.
+template <int64_t ACT, bool DROP, typename A>
 inline A activate(A z, A keep) {
-  if (RELU) z = z < A(0) ? A(0) : z;
+  if (ACT == kRelu) z = z < A(0) ? A(0) : z;
+  if (ACT == kGelu) {
+    A cdf, pdf;
+    normal(z, cdf, pdf);
+    z = z * cdf;
+  }
   return DROP ? z * keep : z;
 }
 
 // The gradient reaching z from the gradient dy of the output.
-template <bool RELU, bool DROP, typename A>
+template <int64_t ACT, bool DROP, typename A>
 inline A gate(A dy, A z, A keep) {
-  if (RELU) dy = z > A(0) ? dy : A(0);
+  if (ACT == kRelu) dy = z > A(0) ? dy : A(0);
+  if (ACT == kGelu) {  // d/dz z Phi(z) = Phi(z) + z phi(z)
+    A cdf, pdf;
+    normal(z, cdf, pdf);
+    dy = dy * std::fma(z, pdf, cdf);
+  }
   return DROP ? dy * keep : dy;
 }
 
-// f<RELU, DROP>() with the flags of a as compile-time constants, so the inner loops have no branches
+// f(ACT, DROP) with the activation and dropout of a as compile-time constants, so the inner loops
+// have no branches
 template <typename F>
 void with_flags(const Act& a, F f) {
-  if (a.relu && a.dropout) return f(std::true_type(), std::true_type());
-  if (a.relu) return f(std::true_type(), std::false_type());
-  if (a.dropout) return f(std::false_type(), std::true_type());
-  f(std::false_type(), std::false_type());
+  auto drop = [&](auto act) {
+    if (a.dropout) return f(act, std::true_type());
+    f(act, std::false_type());
+  };
+  if (a.kind == kRelu) return drop(std::integral_constant<int64_t, kRelu>());
+  if (a.kind == kGelu) return drop(std::integral_constant<int64_t, kGelu>());
+  drop(std::integral_constant<int64_t, kNone>());
 }
 
 // Two per-channel sums: f(t, a1, a2) adds tile t's values into the tile-long sums a1 and a2, kept
@@ -210,7 +264,7 @@ void stats_impl(const T* x, const Tiles& tiles, typename Acc<T>::type* mean, typ
   moments(s1, s2, first, double(tiles.R), mean, var);
 }
 
-template <bool RELU, bool DROP, typename T>
+template <int64_t ACT, bool DROP, typename T>
 void forward_impl(const T* x, const typename Acc<T>::type* scale_c, const typename Acc<T>::type* shift_c, T* out,
                   const Tiles& tiles, const Act& a) {
   using A = typename Acc<T>::type;
@@ -224,13 +278,13 @@ void forward_impl(const T* x, const typename Acc<T>::type* scale_c, const typena
       if (DROP) drop_factors(t, n, a, keep.data());
       #pragma omp simd
       for (int64_t j = 0; j < n; ++j)
-        narrow(activate<RELU, DROP>(std::fma(widen(xt[j]), scale[j], shift[j]), DROP ? keep[j] : A(1)), ot[j]);
+        narrow(activate<ACT, DROP>(std::fma(widen(xt[j]), scale[j], shift[j]), DROP ? keep[j] : A(1)), ot[j]);
     }
   });
 }
 
 // grad_x = weight * invstd * (g - mean(g) - (x - mean) * invstd^2 * mean(g * (x - mean))), g = gate(dy)
-template <bool RELU, bool DROP, typename T>
+template <int64_t ACT, bool DROP, typename T>
 void backward_impl(const T* dy, const T* x, const typename Acc<T>::type* mean_c, const typename Acc<T>::type* invstd,
                    const typename Acc<T>::type* weight, const typename Acc<T>::type* scale_c,
                    const typename Acc<T>::type* shift_c, T* gx, typename Acc<T>::type* sum_g,
@@ -251,7 +305,7 @@ void backward_impl(const T* dy, const T* x, const typename Acc<T>::type* mean_c,
     #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const A v = widen(xt[j]);
-      const A g = gate<RELU, DROP>(widen(gt[j]), std::fma(v, scale[j], shift[j]), DROP ? kp[j] : A(1));
+      const A g = gate<ACT, DROP>(widen(gt[j]), std::fma(v, scale[j], shift[j]), DROP ? kp[j] : A(1));
       a1[j] += g;
       a2[j] += g * (v - mean[j]);
     }
@@ -270,7 +324,7 @@ void backward_impl(const T* dy, const T* x, const typename Acc<T>::type* mean_c,
       #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const A v = widen(xt[j]);
-        const A g = gate<RELU, DROP>(widen(gt[j]), std::fma(v, scale[j], shift[j]), DROP ? keep[j] : A(1));
+        const A g = gate<ACT, DROP>(widen(gt[j]), std::fma(v, scale[j], shift[j]), DROP ? keep[j] : A(1));
         narrow(w[j] * (g - k1[j] - (v - mean[j]) * k2[j]), ot[j]);
       }
     }
@@ -331,7 +385,7 @@ void stats_planes(const T* x, const Planes& g, typename Acc<T>::type* mean, type
   moments(s1, s2, first, double(g.N * g.HW), mean, var);
 }
 
-template <bool RELU, bool DROP, typename T>
+template <int64_t ACT, bool DROP, typename T>
 void forward_planes(const T* x, const typename Acc<T>::type* scale, const typename Acc<T>::type* shift, T* out,
                     const Planes& g, const Act& a) {
   using A = typename Acc<T>::type;
@@ -344,12 +398,12 @@ void forward_planes(const T* x, const typename Acc<T>::type* scale, const typena
       if (DROP) drop_factors(p, g.HW, a, keep.data());
       #pragma omp simd
       for (int64_t j = 0; j < g.HW; ++j)
-        narrow(activate<RELU, DROP>(std::fma(widen(xp[j]), sc, sh), DROP ? keep[j] : A(1)), op[j]);
+        narrow(activate<ACT, DROP>(std::fma(widen(xp[j]), sc, sh), DROP ? keep[j] : A(1)), op[j]);
     }
   });
 }
 
-template <bool RELU, bool DROP, typename T>
+template <int64_t ACT, bool DROP, typename T>
 void backward_planes(const T* dy, const T* x, const typename Acc<T>::type* mean, const typename Acc<T>::type* invstd,
                      const typename Acc<T>::type* weight, const typename Acc<T>::type* scale,
                      const typename Acc<T>::type* shift, T* gx, typename Acc<T>::type* sum_g,
@@ -369,7 +423,7 @@ void backward_planes(const T* dy, const T* x, const typename Acc<T>::type* mean,
     #pragma omp simd reduction(+ : a1, a2)
     for (int64_t j = j0; j < j1; ++j) {
       const A v = widen(xp[j]);
-      const A gr = gate<RELU, DROP>(widen(gp[j]), std::fma(v, sc, sh), DROP ? kp[j] : A(1));
+      const A gr = gate<ACT, DROP>(widen(gp[j]), std::fma(v, sc, sh), DROP ? kp[j] : A(1));
       a1 += gr;
       a2 += gr * (v - m);
     }
@@ -388,7 +442,7 @@ void backward_planes(const T* dy, const T* x, const typename Acc<T>::type* mean,
       #pragma omp simd
       for (int64_t j = 0; j < g.HW; ++j) {
         const A v = widen(xp[j]);
-        const A gr = gate<RELU, DROP>(widen(gp[j]), std::fma(v, sc, sh), DROP ? keep[j] : A(1));
+        const A gr = gate<ACT, DROP>(widen(gp[j]), std::fma(v, sc, sh), DROP ? keep[j] : A(1));
         narrow(wc * (gr - k1c - (v - m) * k2c), op[j]);
       }
     }
@@ -433,11 +487,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
                                                        const at::Tensor& bias,
                                                        const std::optional<at::Tensor>& running_mean,
                                                        const std::optional<at::Tensor>& running_var, double momentum,
-                                                       double eps, bool relu, double p, int64_t seed, bool cl) {
+                                                       double eps, int64_t act, double p, int64_t seed, bool cl) {
   check_input(x, cl);
   const int64_t C = x.size(1), R = x.numel() / C;
   const Planes planes{x.size(0), C, x.size(2) * x.size(3)};
-  const Act a = make_act(relu, p, seed);
+  const Act a = make_act(act, p, seed);
   at::Tensor out = at::empty_like(x, cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   at::Tensor mean = at::empty({C}, weight.options()), invstd = at::empty({C}, weight.options());
   cnnlab::dispatch(x.scalar_type(), "bnact", [&](auto tag) {
@@ -460,13 +514,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
       for (int64_t c = 0; c < C; ++c) rv[c] += A(momentum) * (var[c] * unbias - rv[c]);
     }
     affine(channel_ptr<A>(weight, C, "weight"), channel_ptr<A>(bias, C, "bias"), m, is, C, scale, shift);
-    with_flags(a, [&](auto relu_, auto drop_) {
-      constexpr bool RELU = decltype(relu_)::value, DROP = decltype(drop_)::value;
+    with_flags(a, [&](auto act_, auto drop_) {
+      constexpr int64_t ACT = decltype(act_)::value;
+      constexpr bool DROP = decltype(drop_)::value;
       if (cl)
-        forward_impl<RELU, DROP, T>(x.const_data_ptr<T>(), scale.data(), shift.data(), out.mutable_data_ptr<T>(),
+        forward_impl<ACT, DROP, T>(x.const_data_ptr<T>(), scale.data(), shift.data(), out.mutable_data_ptr<T>(),
                                     Tiles(R, C), a);
       else
-        forward_planes<RELU, DROP, T>(x.const_data_ptr<T>(), scale.data(), shift.data(), out.mutable_data_ptr<T>(),
+        forward_planes<ACT, DROP, T>(x.const_data_ptr<T>(), scale.data(), shift.data(), out.mutable_data_ptr<T>(),
                                       planes, a);
     });
   });
@@ -476,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
 // (grad_x, grad_weight, grad_bias); grad_x is empty unless want_x; grad has x's layout
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
                                                         const at::Tensor& weight, const at::Tensor& bias,
-                                                        const at::Tensor& mean, const at::Tensor& invstd, bool relu,
+                                                        const at::Tensor& mean, const at::Tensor& invstd, int64_t act,
                                                         double p, int64_t seed, bool want_x, bool cl) {
   check_input(x, cl);
   const int64_t C = x.size(1), R = x.numel() / C;
@@ -484,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
   const auto layout = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.is_contiguous(layout),
               "bnact: grad must have x's shape, dtype and layout");
-  const Act a = make_act(relu, p, seed);
+  const Act a = make_act(act, p, seed);
   at::Tensor grad_x = want_x ? at::empty_like(x, layout) : at::Tensor();
   at::Tensor grad_w = at::empty({C}, weight.options()), grad_b = at::empty({C}, weight.options());
   cnnlab::dispatch(x.scalar_type(), "bnact", [&](auto tag) {
@@ -496,13 +551,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
     std::vector<A> scale, shift;
     affine(w, channel_ptr<A>(bias, C, "bias"), m, is, C, scale, shift);
     T* gx = want_x ? grad_x.mutable_data_ptr<T>() : nullptr;
-    with_flags(a, [&](auto relu_, auto drop_) {
-      constexpr bool RELU = decltype(relu_)::value, DROP = decltype(drop_)::value;
+    with_flags(a, [&](auto act_, auto drop_) {
+      constexpr int64_t ACT = decltype(act_)::value;
+      constexpr bool DROP = decltype(drop_)::value;
       if (cl)
-        backward_impl<RELU, DROP, T>(grad.const_data_ptr<T>(), x.const_data_ptr<T>(), m, is, w, scale.data(),
+        backward_impl<ACT, DROP, T>(grad.const_data_ptr<T>(), x.const_data_ptr<T>(), m, is, w, scale.data(),
                                      shift.data(), gx, gb, gw, Tiles(R, C), a);
       else
-        backward_planes<RELU, DROP, T>(grad.const_data_ptr<T>(), x.const_data_ptr<T>(), m, is, w, scale.data(),
+        backward_planes<ACT, DROP, T>(grad.const_data_ptr<T>(), x.const_data_ptr<T>(), m, is, w, scale.data(),
                                        shift.data(), gx, gb, gw, planes, a);
     });
     for (int64_t c = 0; c < C; ++c) gw[c] *= is[c];  // sum(g * (x - mean)) * invstd
@@ -515,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
 void keep_mask(const at::Tensor& out, double p, int64_t seed, bool channels_last) {
   TORCH_CHECK(out.scalar_type() == at::kBool && out.dim() == 2 && out.is_contiguous() && out.size(1) > 0,
               "bnact: keep_mask needs a contiguous 2-D bool tensor");
-  const Act a = make_act(false, p, seed);
+  const Act a = make_act(kNone, p, seed);
   bool* o = out.mutable_data_ptr<bool>();
   const Tiles tiles(out.size(0), out.size(1));
   const int64_t count = channels_last ? tiles.count : out.size(0);
@@ -531,9 +587,9 @@ void keep_mask(const at::Tensor& out, double p, int64_t seed, bool channels_last
 
 TORCH_LIBRARY(cnnlab_bnact, m) {
   m.def("forward(Tensor x, Tensor weight, Tensor bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-        "float momentum, float eps, bool relu, float p, int seed, bool channels_last) -> (Tensor, Tensor, Tensor)",
+        "float momentum, float eps, int act, float p, int seed, bool channels_last) -> (Tensor, Tensor, Tensor)",
         &forward);
-  m.def("backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, bool relu, float p, "
+  m.def("backward(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, int act, float p, "
         "int seed, bool want_x, bool channels_last) -> (Tensor, Tensor, Tensor)", &backward);
   m.def("keep_mask(Tensor(a!) out, float p, int seed, bool channels_last) -> ()", &keep_mask);
 }

@@ -1,12 +1,13 @@
-"""BatchNorm (training mode) fused with the ReLU and dropout after it, for CPU tensors.
+"""BatchNorm (training mode) fused with the ReLU or GELU and the dropout after it, for CPU tensors.
 
 On a CPU the small nets of the seeds spend half a training step in element-wise passes over
 full-size maps: BatchNorm's statistics, normalisation and two backward passes, the ReLU and its
 backward, dropout's random numbers, mask and multiplies. The kernels in ``bnact.cpp`` do the same
-arithmetic in two passes forward (statistics; normalise + ReLU + dropout) and two backward, and
-store no masks: dropout keeps an element when a hash of its position and a seed clears p, so
+arithmetic in two passes forward (statistics; normalise + activation + dropout) and two backward,
+and store no masks: dropout keeps an element when a hash of its position and a seed clears p, so
 backward recomputes the mask from the seed, which is drawn from torch's generator (runs stay
-reproducible).
+reproducible). GELU is the exact one (``nn.GELU()``, z * Phi(z)); in float32 and bfloat16 the
+kernel's Phi comes from a polynomial erf whose error (< 1.5e-7) is below float32's rounding.
 
 ``layers.ConvBlock`` calls ``batch_norm_act`` where ``applies`` (channels_last or NCHW input);
 elsewhere (GPU, eval mode, other dtypes or layouts, torch.compile, no compiler) its children run
@@ -21,11 +22,12 @@ from torch import nn
 from cnnlab import ext
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+ACTS = {"": 0, "relu": 1, "gelu": 2}  # the activation after BN ("" = none), as the kernels number them
 
 
 def available() -> bool:
     """Whether the fused kernels can run in this process (builds them on the first call)."""
-    return ext.load("cnnlab_bnact", "bnact.cpp", "BatchNorm + ReLU + dropout")
+    return ext.load("cnnlab_bnact", "bnact.cpp", "BatchNorm + activation + dropout")
 
 
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -51,10 +53,10 @@ def random_seed() -> int:
     return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
 
 
-def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool, p: float) -> torch.Tensor:
-    """``dropout(relu(bn(x)), p)`` (ReLU only if ``relu``; no dropout if ``p == 0``) for a BatchNorm2d
-    in training mode, updating its running statistics as ``bn(x)`` would. Call where ``applies``
-    and ``available``."""
+def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, act: str, p: float) -> torch.Tensor:
+    """``dropout(act(bn(x)), p)`` (``act``: "relu", "gelu" or "" for none; no dropout if ``p == 0``)
+    for a BatchNorm2d in training mode, updating its running statistics as ``bn(x)`` would. Call
+    where ``applies`` and ``available``."""
     counting = bn.track_running_stats and bn.num_batches_tracked is not None
     momentum = bn.momentum
     if momentum is None and counting:  # cumulative moving average
@@ -63,38 +65,39 @@ def batch_norm_act(x: torch.Tensor, bn: nn.BatchNorm2d, relu: bool, p: float) ->
     weight = bn.weight if bn.weight is not None else torch.ones(x.shape[1], dtype=acc)
     bias = bn.bias if bn.bias is not None else torch.zeros(x.shape[1], dtype=acc)
     seed = random_seed() if p > 0 else 0
-    out = BatchNormAct.apply(x, weight, bias, bn.running_mean, bn.running_var, momentum or 0.0, bn.eps, relu, p, seed)
+    out = BatchNormAct.apply(x, weight, bias, bn.running_mean, bn.running_var, momentum or 0.0, bn.eps, ACTS[act], p,
+                             seed)
     if counting:
         bn.num_batches_tracked.add_(1)
     return out
 
 
 class BatchNormAct(torch.autograd.Function):
-    """The fused forward and backward; ``running_mean`` and ``running_var`` (or None) are updated in
-    place and carry no gradient."""
+    """The fused forward and backward; ``act`` is a number of ``ACTS``; ``running_mean`` and
+    ``running_var`` (or None) are updated in place and carry no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, relu: bool, p: float,
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, act: int, p: float,
                 seed: int) -> torch.Tensor:
         w, b = weight.detach(), bias.detach()
         cl = x.is_contiguous(memory_format=torch.channels_last)  # else NCHW (applies() checked)
-        out, mean, invstd = torch.ops.cnnlab_bnact.forward(x, w, b, running_mean, running_var, momentum, eps, relu,
+        out, mean, invstd = torch.ops.cnnlab_bnact.forward(x, w, b, running_mean, running_var, momentum, eps, act,
                                                            p, seed, cl)
         ctx.save_for_backward(x, w, b, mean, invstd)
-        ctx.act = (relu, p, seed, cl)
+        ctx.act = (act, p, seed, cl)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        relu, p, seed, cl = ctx.act
+        act, p, seed, cl = ctx.act
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         # the forward's layout (a saved-tensor hook may give x back in another): the dropout masks depend on it
         layout = torch.channels_last if cl else torch.contiguous_format
         grad_x, grad_w, grad_b = torch.ops.cnnlab_bnact.backward(
             grad.contiguous(memory_format=layout), x.contiguous(memory_format=layout), weight, bias, mean, invstd,
-            relu, p, seed, want_x, cl)
+            act, p, seed, want_x, cl)
         return ((grad_x if want_x else None), (grad_w if want_w else None), (grad_b if want_b else None),
                 None, None, None, None, None, None, None)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab import bnact, dwconv
+from cnnlab import bnact, dwconv, maxpool
 from cnnlab.errors import CnnlabError
 
 
@@ -46,7 +46,7 @@ def conv_bn(
         conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
     layers: list[nn.Module] = [conv]
     if pool:
-        layers.append(nn.MaxPool2d(pool))
+        layers.append(MaxPool2d(pool))
     layers.append(nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum))
     if act is not None:
         layers.append(ReLU() if act is nn.ReLU else act())
@@ -56,14 +56,14 @@ def conv_bn(
 
 
 class ConvBlock(nn.Sequential):
-    """A Sequential whose BatchNorm2d -> ReLU [-> Dropout] runs as one fused kernel in CPU training.
+    """A Sequential whose BatchNorm2d -> ReLU or GELU [-> Dropout] runs as one fused kernel in CPU training.
 
     In training mode, for a CPU input, channels_last or NCHW (``bnact.applies``), each BatchNorm2d
-    followed by a ReLU, and that ReLU by an optional ``Dropout``, is computed by ``bnact.batch_norm_act``:
-    the same values (up to rounding; another dropout mask) in a third of the memory traffic. In
-    eval mode, elsewhere, or when one of those modules has hooks (which would not fire inside
-    the fused kernel), the children run one by one as in ``nn.Sequential``; ``fused = False`` turns
-    the kernel off. Same children, same state_dict keys as a plain Sequential. In training mode
+    followed by a ReLU or an exact ``nn.GELU()``, and that by an optional ``Dropout``, is computed by
+    ``bnact.batch_norm_act``: the same values (up to rounding; another dropout mask) in a third of
+    the memory traffic. In eval mode, elsewhere, or when one of those modules has hooks (which
+    would not fire inside the fused kernel), the children run one by one as in ``nn.Sequential``;
+    ``fused = False`` turns the kernel off. Same children, same state_dict keys as a plain Sequential. In training mode
     the fused path has no double backward (``create_graph=True``) and no ``torch.func`` rule, and
     the block cannot be scripted (``torch.jit.script``): set ``fused = False`` for those.
     """
@@ -81,7 +81,8 @@ class ConvBlock(nn.Sequential):
             run = _bn_act_run(mods, i)
             if run and bnact.applies(x, mods[i]) and not any(_hooked(m) for m in run) and bnact.available():
                 p = run[2].p if len(run) == 3 and run[2].training else 0.0
-                x = bnact.batch_norm_act(x, mods[i], relu=True, p=p)
+                act = "gelu" if type(run[1]) is nn.GELU else "relu"
+                x = bnact.batch_norm_act(x, mods[i], act=act, p=p)
                 i += len(run)
             else:
                 x = mods[i](x)
@@ -89,9 +90,13 @@ class ConvBlock(nn.Sequential):
         return x
 
 
+def _fusable_act(m: nn.Module) -> bool:
+    return type(m) in (ReLU, nn.ReLU) or (type(m) is nn.GELU and m.approximate == "none")
+
+
 def _bn_act_run(mods: list[nn.Module], i: int) -> list[nn.Module]:
-    """[BatchNorm2d, ReLU] or [BatchNorm2d, ReLU, Dropout] starting at ``mods[i]``, else []."""
-    if not (type(mods[i]) is nn.BatchNorm2d and i + 1 < len(mods) and type(mods[i + 1]) in (ReLU, nn.ReLU)):
+    """[BatchNorm2d, ReLU or GELU] or [BatchNorm2d, ReLU or GELU, Dropout] starting at ``mods[i]``, else []."""
+    if not (type(mods[i]) is nn.BatchNorm2d and i + 1 < len(mods) and _fusable_act(mods[i + 1])):
         return []
     if i + 2 < len(mods) and type(mods[i + 2]) is Dropout:
         return mods[i:i + 3]
@@ -124,6 +129,24 @@ class ReLU(nn.ReLU):
 
     def extra_repr(self) -> str:
         return "in place while training"
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` whose 2x2, stride-2 case runs ``maxpool.max_pool2x2`` while a gradient is
+    needed on a CPU (one byte of index per output value instead of eight, one write per input
+    gradient); the same values and gradients as ``nn.MaxPool2d`` (the tests check both). Elsewhere,
+    or with ``fast = False``, it is ``nn.MaxPool2d``. Hooks see the module as usual. The fast path
+    has no double backward (``create_graph=True``), no ``torch.func`` rule and cannot be scripted
+    (``torch.jit.script``): set ``fast = False`` for those."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fast = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and maxpool.applies(x, self) and maxpool.available():
+            return maxpool.max_pool2x2(x)
+        return super().forward(x)
 
 
 class Dropout(nn.Module):

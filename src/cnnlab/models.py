@@ -48,7 +48,8 @@ from torch import nn
 from cnnlab.config import file_reference
 from cnnlab.design import build_design
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import CenterCrop, ConvBlock, Dropout, GlobalPool, Mul, Net, Residual, SeparableConv2d, conv_bn
+from cnnlab.layers import (CenterCrop, ConvBlock, Dropout, GlobalPool, MaxPool2d, Mul, Net, Residual, SeparableConv2d,
+                           conv_bn)
 
 
 @dataclass(frozen=True)
@@ -342,7 +343,7 @@ def _mnist_net(chans: dict, num_classes: int, dropout: float, pool: str, width: 
     features = nn.Sequential(
         conv_bn(1, c1, padding=0, dropout=dropout),  # 28 -> 26, RF 3
         conv_bn(c1, c2, padding=0, dropout=dropout),  # 26 -> 24, RF 5
-        nn.MaxPool2d(2),  # 24 -> 12, RF 6
+        MaxPool2d(2),  # 24 -> 12, RF 6
         conv_bn(c2, t, k=1, padding=0),  # transition 1x1
         conv_bn(t, c3, padding=0, dropout=dropout),  # 12 -> 10, RF 10
         conv_bn(c3, c3, padding=0, dropout=dropout),  # 10 -> 8, RF 14
@@ -391,7 +392,7 @@ def mnist_fast(num_classes: int = 10, dropout: float = 0.0, pool: str = "avg", w
         nn.PixelUnshuffle(2),  # 1x24x24 -> 4x12x12, RF 2, jump 2
         conv_bn(4, a, dropout=dropout),  # 12, RF 6
         conv_bn(a, b, dropout=dropout),  # 12, RF 10
-        nn.MaxPool2d(2),  # 6, RF 12, jump 4
+        MaxPool2d(2),  # 6, RF 12, jump 4
         conv_bn(b, c, dropout=dropout),  # 6, RF 20
         conv_bn(c, d, padding=0),  # 4, RF 28
     )
@@ -419,10 +420,10 @@ def cifar_sep92k(num_classes: int = 10, dropout: float = 0.1, dropout_lin: float
     features = nn.Sequential(
         _sep_bn(3, 64, 1, dropout),  # 32
         _sep_bn(64, 64, 0, dropout),  # 30
-        nn.MaxPool2d(2),  # 15
+        MaxPool2d(2),  # 15
         _sep_bn(64, 64, 1, dropout),  # 15
         _sep_bn(64, 128, 0, dropout),  # 13
-        nn.MaxPool2d(2),  # 6
+        MaxPool2d(2),  # 6
         _sep_bn(128, 128, 1, dropout),  # 6
         _sep_bn(128, 128, 0, dropout),  # 4
     )
@@ -458,12 +459,12 @@ def cifar_dw56k(num_classes: int = 10) -> nn.Module:
         _dw_bn(32, 64, 0),  # 28
         _dw_bn(64, 128, 0),  # 26
         _dw_bn(128, 256, 1),  # 26
-        nn.MaxPool2d(2),  # 13
+        MaxPool2d(2),  # 13
         conv_bn(256, 32, k=1),
         conv_bn(32, 32, padding=1),
         _dw_bn(32, 64, 1),
         _dw_bn(64, 128, 1),
-        nn.MaxPool2d(2, ceil_mode=True),  # 7
+        MaxPool2d(2, ceil_mode=True),  # 7
         conv_bn(128, 32, k=1),
         conv_bn(32, 32, padding=1),
         _dw_bn(32, 64, 1),
@@ -499,12 +500,12 @@ def resnet9(num_classes: int = 10, width: float = 1.0, dropout: float = 0.1, poo
     features = nn.Sequential(
         block(3, c["prep"]),
         block(c["prep"], c["l1"]),
-        nn.MaxPool2d(2),
+        MaxPool2d(2),
         Residual(nn.Sequential(block(c["l1"], c["l1"], dropout), block(c["l1"], c["l1"]))),
         block(c["l1"], c["l2"]),
-        nn.MaxPool2d(2),
+        MaxPool2d(2),
         block(c["l2"], c["l3"]),
-        nn.MaxPool2d(2),
+        MaxPool2d(2),
         Residual(nn.Sequential(block(c["l3"], c["l3"], dropout), block(c["l3"], c["l3"]))),
     )
     head = nn.Sequential(nn.MaxPool2d(4) if pool == "max" else nn.AvgPool2d(4), nn.Flatten(),
@@ -570,9 +571,10 @@ def _air_conv(c_in: int, c_out: int) -> nn.Conv2d:
     return conv
 
 
-def _air_group(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        _air_conv(c_in, c_out), nn.MaxPool2d(2), _air_bn(c_out), nn.GELU(),
+def _air_group(c_in: int, c_out: int) -> ConvBlock:
+    """conv-MaxPool-BN-GELU-conv-BN-GELU; a ConvBlock, so each BN -> GELU trains as one fused kernel on a CPU."""
+    return ConvBlock(
+        _air_conv(c_in, c_out), MaxPool2d(2), _air_bn(c_out), nn.GELU(),
         _air_conv(c_out, c_out), _air_bn(c_out), nn.GELU(),
     )
 
@@ -624,6 +626,47 @@ def airbench94(num_classes: int = 10, scale: float = 1 / 9, whiten_bias_epochs: 
     whiten.weight.requires_grad_(False)
     features = nn.Sequential(whiten, nn.GELU(), _air_group(24, 64), _air_group(64, 256), _air_group(256, 256))
     head = nn.Sequential(GlobalPool("max"), nn.Linear(256, num_classes, bias=False), Mul(scale))
+    net = AirbenchNet(features, head)
+    net.whiten_bias_epochs = whiten_bias_epochs
+    return net
+
+
+# --------------------------------------------------------------------------- ResNet9, Page's final version
+
+
+@register("resnet9_page", (3, 32, 32), "How to train your ResNet (Page)",
+          "ResNet9 with 3x3 patch whitening, max-pool before BN, frozen BN scales", budget=(6_570_000, 6_580_000))
+def resnet9_page(num_classes: int = 10, scale: float = 0.125, whiten_bias_epochs: int = 3) -> nn.Module:
+    """The ResNet9 of Page's final "How to train your ResNet" post: a frozen 3x3 patch-whitening conv
+    3 -> 54 (27 eigen-filters and their negatives; its bias trains for ``whiten_bias_epochs`` epochs),
+    ReLU, a 1x1 prep conv to 64, then as seed 003's custom ResNet: conv128-MaxPool-BN-ReLU + residual
+    block, conv256-MaxPool-BN-ReLU, conv512-MaxPool-BN-ReLU + residual block, MaxPool(4),
+    Linear(512, classes, bias=False), logits times ``scale``. Every BatchNorm weight is frozen at 1
+    (their biases train). Call ``init_from_data`` before training (the training loop does)."""
+    _check_positive("resnet9_page", "scale", scale)
+    n = whiten_bias_epochs
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        raise CnnlabError(f"whiten_bias_epochs={n!r} for 'resnet9_page' must be a whole number of epochs >= 0")
+
+    def block(c_in: int, c_out: int, k: int = 3, pool: int = 0) -> ConvBlock:
+        b = conv_bn(c_in, c_out, k=k, pool=pool)
+        for m in b:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.requires_grad_(False)
+        return b
+
+    def res(c: int) -> Residual:
+        return Residual(nn.Sequential(block(c, c), block(c, c)))
+
+    whiten = nn.Conv2d(3, 54, 3, padding=1, bias=True)
+    whiten.weight.requires_grad_(False)
+    features = nn.Sequential(
+        whiten, nn.ReLU(), block(54, 64, k=1),
+        block(64, 128, pool=2), res(128),
+        block(128, 256, pool=2),
+        block(256, 512, pool=2), res(512),
+    )
+    head = nn.Sequential(nn.MaxPool2d(4), nn.Flatten(), nn.Linear(512, num_classes, bias=False), Mul(scale))
     net = AirbenchNet(features, head)
     net.whiten_bias_epochs = whiten_bias_epochs
     return net
