@@ -35,17 +35,16 @@ MODELS = {"mnist_tiny": 128, "cifar_dw56k": 32, "resnet9_page": 64, "airbench94"
 
 
 def sites(model_name: str, batch: int) -> list[tuple]:
-    """Input shapes of every max-pool of a model that the kernel covers."""
+    """Input shapes of every max-pool of a model that the kernel covers there."""
     model = create_model(model_name).to(memory_format=torch.channels_last)
     found = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: found.append(tuple(inp[0].shape)))
+    hooks = [m.register_forward_hook(lambda mod, inp, out: found.append((mod, inp[0])))
              for m in model.modules() if isinstance(m, MaxPool2d)]
     x = torch.zeros(batch, *get_spec(model_name).input_shape).contiguous(memory_format=torch.channels_last)
     model.train()(x.requires_grad_())
     for h in hooks:
         h.remove()
-    pool = MaxPool2d(2)
-    return [s for s in found if maxpool.applies(torch.empty(s).requires_grad_(), pool)]
+    return [tuple(x.shape) for mod, x in found if maxpool.applies(x, mod)]
 
 
 def time_site(shape: tuple, dtype: torch.dtype, repeats: int, clock) -> dict:
@@ -76,8 +75,9 @@ def main() -> None:
             for dtype in (torch.bfloat16, torch.float32):
                 size = torch.tensor([], dtype=dtype).element_size()
                 numel = torch.Size(shape).numel()
-                fwd_bytes = size * numel + (size + 1) * numel // 4
-                bwd_bytes = (size + 1) * numel // 4 + size * numel
+                pooled = shape[0] * shape[1] * (shape[2] // 2) * (shape[3] // 2)
+                fwd_bytes = size * numel + (size + 1) * pooled
+                bwd_bytes = (size + 1) * pooled + size * numel
                 res = time_site(shape, dtype, args.repeats, clock)
                 ref = sum(res["torch"])
                 for name, (tf, tb) in res.items():

@@ -314,3 +314,20 @@ def test_symbolic_tracing_records_the_modules_one_by_one():
     with torch.no_grad():
         ref = F.relu(F.batch_norm(m[0](x), None, None, m[1].weight, m[1].bias, True))
     torch.testing.assert_close(graph(x), ref)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_gelu_is_within_a_few_ulp_of_the_exact_one(layout):
+    """float32: the kernel's GELU of BN's output z against z * Phi(z) in float64 from the same z
+    (a wrong erf constant in the 4th digit would show)."""
+    x = torch.randn(2, 4, 40, 50, generator=torch.Generator().manual_seed(0)) ** 3  # heavy tails: |z| up to ~15
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    cl = layout == "channels_last"
+    w, b = torch.ones(4), torch.zeros(4)
+    z, mean, invstd = torch.ops.cnnlab_bnact.forward(x, w, b, None, None, 0.0, 0.0, bnact.ACTS[""], 0.0, 0, cl)
+    y, _, _ = torch.ops.cnnlab_bnact.forward(x, w, b, None, None, 0.0, 0.0, bnact.ACTS["gelu"], 0.0, 0, cl)
+    assert z.abs().max() > 8  # z spans the tails as well
+    z64 = z.double()
+    exact = z64 * 0.5 * torch.special.erfc(-z64 / 2 ** 0.5)
+    assert (y.double() - exact).abs().max() < 6e-7
+    assert (y.double() - exact).abs().max() <= (F.gelu(z).double() - exact).abs().max()  # as close as torch's own

@@ -20,10 +20,18 @@ def built():
 def make(shape, dtype, channels_last, seed=0, ties=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g, dtype=torch.float64)
-    if ties:  # few distinct values: many windows hold their maximum twice or more
-        x = torch.randint(0, 3, shape, generator=g).double()
+    if ties:  # few distinct values (zeros of both signs among them): many windows hold their maximum twice or more
+        x = (torch.randint(0, 3, shape, generator=g) - 1).double() * torch.randint(0, 2, shape, generator=g).mul(2).sub(1)
     x = x.to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    if channels_last:  # channels_last strides, also for C = 1 (where .contiguous(channels_last) gives NCHW's)
+        n, c, h, w = shape
+        return torch.empty_strided(shape, (h * w * c, 1, w * c, c), dtype=dtype).copy_(x)
+    return x.contiguous()
+
+
+def bits(t):
+    """The tensor's bit patterns, so -0.0 and 0.0 differ."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def both(x, grad_seed=1):
@@ -39,8 +47,10 @@ def both(x, grad_seed=1):
     return results
 
 
-# even; odd H and W (a row and a column left over); C of 1, 3, 600; a 2x2 map; many rows
-SHAPES = [(2, 16, 8, 8), (3, 5, 7, 9), (2, 1, 6, 4), (1, 3, 2, 2), (2, 600, 4, 6), (8, 24, 26, 26)]
+# even; odd H and W (a row and a column left over); C of 1, 3, 600; 2x2 and 3x3 maps; many rows;
+# NCHW rows of several 64-column chunks
+SHAPES = [(2, 16, 8, 8), (3, 5, 7, 9), (2, 1, 6, 4), (1, 3, 2, 2), (1, 2, 3, 3), (2, 600, 4, 6), (8, 24, 26, 26),
+          (1, 2, 4, 260), (1, 1, 3, 131)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -51,15 +61,17 @@ def test_values_and_gradients_match_torch(shape, dtype, channels_last, ties):
     x = make(shape, dtype, channels_last, ties=ties)
     (out, gx), (ref_out, ref_gx) = both(x)
     assert out.dtype == dtype and out.shape == ref_out.shape
-    assert torch.equal(out, ref_out)  # a maximum is one of the inputs: exact
-    assert torch.equal(gx, ref_gx)  # the same winner in every window: exact
-    assert gx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.equal(bits(out), bits(ref_out))  # a maximum is one of the inputs: exact, zero signs included
+    assert torch.equal(bits(gx), bits(ref_gx))  # the same winner in every window: exact
+    assert out.stride() == ref_out.stride() and gx.stride() == ref_gx.stride()  # torch's layouts
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_nan_wins_its_window_as_in_torch(channels_last):
-    x = make((2, 4, 6, 6), torch.float32, channels_last)
+def test_nan_and_infinities_as_in_torch(dtype, channels_last):
+    x = make((2, 4, 6, 6), dtype, channels_last)
+    x[0, 0, 2:4, 2:4] = float("-inf")  # a window of -inf only
+    x[0, 0, 0, 0] = float("inf")
     x[0, 1, 0, 1] = float("nan")  # second place of a window
     x[1, 2, 3, 3] = float("nan")  # last place
     x[1, 3, 4, 4] = float("nan")  # first place, the rest of that window larger
@@ -93,6 +105,9 @@ def test_module_uses_the_kernel_only_where_it_applies(monkeypatch):
     MaxPool2d(2, ceil_mode=True)(make((2, 8, 7, 7), torch.float32, True).requires_grad_())  # ceil adds a window
     assert len(calls) == 1
     MaxPool2d(2, ceil_mode=True)(x)  # ceil_mode with even sizes changes nothing
+    assert len(calls) == 2
+    with torch.inference_mode():
+        pool(x)
     assert len(calls) == 2
     pool.fast = False
     pool(x)

@@ -14,6 +14,7 @@
 
 #include "kernels.h"
 
+#include <algorithm>
 #include <cstdint>
 
 namespace {

@@ -50,22 +50,24 @@ class MaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        layout = torch.channels_last if cl else torch.contiguous_format
+        # the strides torch gives the output; they differ from ``cl`` only for C = 1, where both
+        # layouts hold the same bytes (and the kernel takes the faster NCHW path)
+        cl_strides = x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if cl_strides else torch.contiguous_format
         n, c, h, w = x.shape
-        out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, memory_format=layout)
-        idx = torch.empty(n, c, h // 2, w // 2, dtype=torch.uint8, memory_format=layout)
+        out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, device=x.device, memory_format=layout)
+        idx = torch.empty(n, c, h // 2, w // 2, dtype=torch.uint8, device=x.device, memory_format=layout)
         torch.ops.cnnlab_maxpool.forward(x, out, idx, cl)
         ctx.save_for_backward(idx)
-        ctx.pool = (tuple(x.shape), cl)
+        ctx.pool = (tuple(x.shape), cl, layout)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
-        shape, cl = ctx.pool
-        layout = torch.channels_last if cl else torch.contiguous_format
-        grad_x = torch.empty(shape, dtype=grad.dtype, memory_format=layout)
+        shape, cl, layout = ctx.pool
+        grad_x = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
         torch.ops.cnnlab_maxpool.backward(grad.contiguous(memory_format=layout), idx.contiguous(memory_format=layout),
                                           grad_x, cl)
         return grad_x

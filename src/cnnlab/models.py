@@ -580,7 +580,8 @@ def _air_group(c_in: int, c_out: int) -> ConvBlock:
 
 
 class AirbenchNet(Net):
-    """``features[0]`` is the 2x2 patch-whitening conv; call ``init_from_data`` before training.
+    """``features[0]`` is a patch-whitening conv (2x2 in airbench94, 3x3 in resnet9_page); call
+    ``init_from_data`` before training.
     Its bias trains for the first ``whiten_bias_epochs`` epochs only (``start_epoch``)."""
 
     whiten_bias_epochs = 3
@@ -591,7 +592,7 @@ class AirbenchNet(Net):
         self.features[0].bias.requires_grad_(epoch <= self.whiten_bias_epochs)
 
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the whitening conv from 2x2 patches of ``images`` (N, C, H, W, normalized) and freeze it.
+        """Set the whitening conv from kernel-sized patches of ``images`` (N, C, H, W, normalized) and freeze it.
 
         Filters are the eigenvectors of the (uncentered) patch covariance scaled by 1/sqrt(eig + eps),
         largest eigenvalue first, followed by their negatives; the bias is zeroed (it stays trainable).
@@ -637,12 +638,15 @@ def airbench94(num_classes: int = 10, scale: float = 1 / 9, whiten_bias_epochs: 
 @register("resnet9_page", (3, 32, 32), "How to train your ResNet (Page)",
           "ResNet9 with 3x3 patch whitening, max-pool before BN, frozen BN scales", budget=(6_570_000, 6_580_000))
 def resnet9_page(num_classes: int = 10, scale: float = 0.125, whiten_bias_epochs: int = 3) -> nn.Module:
-    """The ResNet9 of Page's final "How to train your ResNet" post: a frozen 3x3 patch-whitening conv
-    3 -> 54 (27 eigen-filters and their negatives; its bias trains for ``whiten_bias_epochs`` epochs),
-    ReLU, a 1x1 prep conv to 64, then as seed 003's custom ResNet: conv128-MaxPool-BN-ReLU + residual
-    block, conv256-MaxPool-BN-ReLU, conv512-MaxPool-BN-ReLU + residual block, MaxPool(4),
-    Linear(512, classes, bias=False), logits times ``scale``. Every BatchNorm weight is frozen at 1
-    (their biases train). Call ``init_from_data`` before training (the training loop does)."""
+    """ResNet9 after Page's final "How to train your ResNet" post, with airbench's whitening: a frozen
+    3x3 patch-whitening conv 3 -> 54 (27 eigen-filters and their negatives, eps 5e-4; its bias
+    trains for ``whiten_bias_epochs`` epochs), ReLU, a 1x1 prep conv to 64 (Page: 27 filters, no
+    negatives, eps 1e-2, straight into the 1x1 conv), then as seed 003's custom ResNet:
+    conv128-MaxPool-BN-ReLU + residual block, conv256-MaxPool-BN-ReLU, conv512-MaxPool-BN-ReLU +
+    residual block, MaxPool(4), Linear(512, classes, bias=False), logits times ``scale``. Every
+    BatchNorm weight is frozen at 1 (their biases train), as Page's. ReLU, not his CELU, and plain
+    BatchNorm, not his ghost BatchNorm, so the fused BN -> ReLU kernel runs. Call ``init_from_data``
+    before training (the training loop does)."""
     _check_positive("resnet9_page", "scale", scale)
     n = whiten_bias_epochs
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
