@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import (CenterCrop, ConvBlock, Dropout, GlobalPool, MaxPool2d, Mul, Net, ReLU, Residual,
-                           SeparableConv2d, conv_bn)
+from cnnlab.layers import (CenterCrop, ConvBlock, Dropout, GlobalPool, Mul, Net, ReLU, Residual, SeparableConv2d,
+                           conv_bn)
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,7 @@ def _pool(layer: Layer, shape: tuple, opts: Options):
     if p > k // 2:
         raise layer.fail(f"padding p{p} must be at most half the kernel ({k // 2})")
     h, w = _spatial(layer, shape, k, s, p, ceil=ceil)
-    cls = MaxPool2d if layer.word == "maxpool" else nn.AvgPool2d
+    cls = nn.MaxPool2d if layer.word == "maxpool" else nn.AvgPool2d
     return [cls(k, stride=s, padding=p, ceil_mode=ceil)], (shape[0], h, w)
 
 

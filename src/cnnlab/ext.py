@@ -1,4 +1,4 @@
-"""Building cnnlab's C++ CPU kernels (``dwconv.cpp``, ``bnact.cpp``, ``maxpool.cpp``) on first use.
+"""Building cnnlab's C++ CPU kernels (``dwconv.cpp``, ``bnact.cpp``) on first use.
 
 Each kernel file is compiled the first time it is needed (``torch.utils.cpp_extension.load_inline``,
 ninja and a C++ compiler, a few seconds) into ``~/.cache/cnnlab/ext`` (``$CNNLAB_EXT_DIR``), in a

@@ -1,4 +1,4 @@
-// What cnnlab's CPU kernels share (dwconv.cpp, bnact.cpp, maxpool.cpp): conversion between a tensor's storage
+// What cnnlab's CPU kernels share (dwconv.cpp, bnact.cpp): conversion between a tensor's storage
 // type and the type sums are kept in, and dispatch on the dtype. Built by cnnlab/ext.py.
 #pragma once
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab import bnact, dwconv, maxpool
+from cnnlab import bnact, dwconv
 from cnnlab.errors import CnnlabError
 
 
@@ -46,7 +46,7 @@ def conv_bn(
         conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
     layers: list[nn.Module] = [conv]
     if pool:
-        layers.append(MaxPool2d(pool))
+        layers.append(nn.MaxPool2d(pool))
     layers.append(nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum))
     if act is not None:
         layers.append(ReLU() if act is nn.ReLU else act())
@@ -63,9 +63,10 @@ class ConvBlock(nn.Sequential):
     ``bnact.batch_norm_act``: the same values (up to rounding; another dropout mask) in a third of
     the memory traffic. In eval mode, elsewhere, or when one of those modules has hooks (which
     would not fire inside the fused kernel), the children run one by one as in ``nn.Sequential``;
-    ``fused = False`` turns the kernel off. Same children, same state_dict keys as a plain Sequential. In training mode
-    the fused path has no double backward (``create_graph=True``) and no ``torch.func`` rule, and
-    the block cannot be scripted (``torch.jit.script``): set ``fused = False`` for those.
+    ``fused = False`` turns the kernel off. Same children, same state_dict keys as a plain
+    Sequential. In training mode the fused path has no double backward (``create_graph=True``) and
+    no ``torch.func`` rule, and the block cannot be scripted (``torch.jit.script``): set
+    ``fused = False`` for those.
     """
 
     def __init__(self, *modules: nn.Module):
@@ -129,24 +130,6 @@ class ReLU(nn.ReLU):
 
     def extra_repr(self) -> str:
         return "in place while training"
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` whose 2x2, stride-2 case runs ``maxpool.max_pool2x2`` while a gradient is
-    needed on a CPU (one byte of index per output value instead of eight, one write per input
-    gradient); the same values and gradients as ``nn.MaxPool2d`` (the tests check both). Elsewhere,
-    or with ``fast = False``, it is ``nn.MaxPool2d``. Hooks see the module as usual. The fast path
-    has no double backward (``create_graph=True``), no ``torch.func`` rule and cannot be scripted
-    (``torch.jit.script``): set ``fast = False`` for those."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fast = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and maxpool.applies(x, self) and maxpool.available():
-            return maxpool.max_pool2x2(x)
-        return super().forward(x)
 
 
 class Dropout(nn.Module):

@@ -48,7 +48,7 @@ from torch import nn
 from cnnlab.config import file_reference
 from cnnlab.design import build_design
 from cnnlab.errors import CnnlabError
-from cnnlab.layers import (CenterCrop, ConvBlock, Dropout, GlobalPool, MaxPool2d, Mul, Net, Residual, SeparableConv2d,
+from cnnlab.layers import (CenterCrop, ConvBlock, Dropout, GlobalPool, Mul, Net, Residual, SeparableConv2d,
                            conv_bn)
 
 
@@ -343,7 +343,7 @@ def _mnist_net(chans: dict, num_classes: int, dropout: float, pool: str, width: 
     features = nn.Sequential(
         conv_bn(1, c1, padding=0, dropout=dropout),  # 28 -> 26, RF 3
         conv_bn(c1, c2, padding=0, dropout=dropout),  # 26 -> 24, RF 5
-        MaxPool2d(2),  # 24 -> 12, RF 6
+        nn.MaxPool2d(2),  # 24 -> 12, RF 6
         conv_bn(c2, t, k=1, padding=0),  # transition 1x1
         conv_bn(t, c3, padding=0, dropout=dropout),  # 12 -> 10, RF 10
         conv_bn(c3, c3, padding=0, dropout=dropout),  # 10 -> 8, RF 14
@@ -392,7 +392,7 @@ def mnist_fast(num_classes: int = 10, dropout: float = 0.0, pool: str = "avg", w
         nn.PixelUnshuffle(2),  # 1x24x24 -> 4x12x12, RF 2, jump 2
         conv_bn(4, a, dropout=dropout),  # 12, RF 6
         conv_bn(a, b, dropout=dropout),  # 12, RF 10
-        MaxPool2d(2),  # 6, RF 12, jump 4
+        nn.MaxPool2d(2),  # 6, RF 12, jump 4
         conv_bn(b, c, dropout=dropout),  # 6, RF 20
         conv_bn(c, d, padding=0),  # 4, RF 28
     )
@@ -420,10 +420,10 @@ def cifar_sep92k(num_classes: int = 10, dropout: float = 0.1, dropout_lin: float
     features = nn.Sequential(
         _sep_bn(3, 64, 1, dropout),  # 32
         _sep_bn(64, 64, 0, dropout),  # 30
-        MaxPool2d(2),  # 15
+        nn.MaxPool2d(2),  # 15
         _sep_bn(64, 64, 1, dropout),  # 15
         _sep_bn(64, 128, 0, dropout),  # 13
-        MaxPool2d(2),  # 6
+        nn.MaxPool2d(2),  # 6
         _sep_bn(128, 128, 1, dropout),  # 6
         _sep_bn(128, 128, 0, dropout),  # 4
     )
@@ -459,12 +459,12 @@ def cifar_dw56k(num_classes: int = 10) -> nn.Module:
         _dw_bn(32, 64, 0),  # 28
         _dw_bn(64, 128, 0),  # 26
         _dw_bn(128, 256, 1),  # 26
-        MaxPool2d(2),  # 13
+        nn.MaxPool2d(2),  # 13
         conv_bn(256, 32, k=1),
         conv_bn(32, 32, padding=1),
         _dw_bn(32, 64, 1),
         _dw_bn(64, 128, 1),
-        MaxPool2d(2, ceil_mode=True),  # 7
+        nn.MaxPool2d(2, ceil_mode=True),  # 7
         conv_bn(128, 32, k=1),
         conv_bn(32, 32, padding=1),
         _dw_bn(32, 64, 1),
@@ -500,12 +500,12 @@ def resnet9(num_classes: int = 10, width: float = 1.0, dropout: float = 0.1, poo
     features = nn.Sequential(
         block(3, c["prep"]),
         block(c["prep"], c["l1"]),
-        MaxPool2d(2),
+        nn.MaxPool2d(2),
         Residual(nn.Sequential(block(c["l1"], c["l1"], dropout), block(c["l1"], c["l1"]))),
         block(c["l1"], c["l2"]),
-        MaxPool2d(2),
+        nn.MaxPool2d(2),
         block(c["l2"], c["l3"]),
-        MaxPool2d(2),
+        nn.MaxPool2d(2),
         Residual(nn.Sequential(block(c["l3"], c["l3"], dropout), block(c["l3"], c["l3"]))),
     )
     head = nn.Sequential(nn.MaxPool2d(4) if pool == "max" else nn.AvgPool2d(4), nn.Flatten(),
@@ -574,7 +574,7 @@ def _air_conv(c_in: int, c_out: int) -> nn.Conv2d:
 def _air_group(c_in: int, c_out: int) -> ConvBlock:
     """conv-MaxPool-BN-GELU-conv-BN-GELU; a ConvBlock, so each BN -> GELU trains as one fused kernel on a CPU."""
     return ConvBlock(
-        _air_conv(c_in, c_out), MaxPool2d(2), _air_bn(c_out), nn.GELU(),
+        _air_conv(c_in, c_out), nn.MaxPool2d(2), _air_bn(c_out), nn.GELU(),
         _air_conv(c_out, c_out), _air_bn(c_out), nn.GELU(),
     )
 
