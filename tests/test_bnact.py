@@ -331,3 +331,15 @@ def test_gelu_is_within_a_few_ulp_of_the_exact_one(layout):
     exact = z64 * 0.5 * torch.special.erfc(-z64 / 2 ** 0.5)
     assert (y.double() - exact).abs().max() < 6e-7
     assert (y.double() - exact).abs().max() <= (F.gelu(z).double() - exact).abs().max()  # as close as torch's own
+
+
+def test_gelu_keeps_nan():
+    """A NaN gives NaN through the GELU forward and backward (the exp inside clamps it to stay defined)."""
+    x = torch.tensor([0.0, 1.0, 2.0, float("nan")]).reshape(1, 1, 2, 2)
+    w, b = torch.ones(1), torch.zeros(1)
+    y, _, _ = torch.ops.cnnlab_bnact.forward(x, w, b, None, None, 0.0, 0.0, bnact.ACTS["gelu"], 0.0, 0, False)
+    assert y.isnan().all()  # a NaN in the batch makes the statistics NaN: every z is NaN
+    z = torch.tensor([-0.0, 0.5, -3.0, float("nan")]).reshape(1, 1, 2, 2)  # mean 0, invstd 1: z = x
+    gx, _, _ = torch.ops.cnnlab_bnact.backward(torch.ones_like(z), z, w, b, torch.zeros(1), torch.ones(1),
+                                                bnact.ACTS["gelu"], 0.0, 0, True, False)
+    assert gx.isnan().all()  # the NaN reaches every input gradient through the channel sums

@@ -72,10 +72,11 @@ Act make_act(int64_t kind, double p, int64_t seed) {
 }
 
 // exp(x) for x <= 0 in float, vectorisable: 2^k times a degree-6 polynomial on |r| <= ln2 / 2
-// (relative error ~2e-7); below -87 it gives exp(-87), ~1.6e-38. (No std::max, whose reference
+// (relative error ~2e-7); below -87, and for NaN (whose NaN the caller's z carries on), it gives
+// exp(-87), ~1.6e-38, so the int conversion below stays defined. (No std::max, whose reference
 // result, and no std::floor, which may not raise "inexact", keep the compiler from vectorising.)
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  x = x >= -87.0f ? x : -87.0f;
   const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // x / ln2 rounded to an integer (1.5 * 2^23 trick)
   const float r = std::fma(k, -1.42860677e-06f, std::fma(k, -0.693145751953125f, x));  // x - k ln2, in two parts
   float q = 1.0f / 720;
