@@ -85,44 +85,6 @@ def interleaved_step_times(setups: dict, x: torch.Tensor, y: torch.Tensor, dtype
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def interleaved_pass_times(variants: dict, x0: torch.Tensor, grad: torch.Tensor, repeats: int,
-                           clock=time.perf_counter) -> dict:
-    """Median (forward, backward) seconds of each ``name: function`` of ``variants`` on a fresh
-    non-leaf copy of ``x0`` (as a layer's input inside a network), backward with ``grad``; the
-    variants take turns repeat by repeat, and a first round warms up."""
-    times = {name: ([], []) for name in variants}
-    for i in range(repeats + 1):
-        for name, fn in variants.items():
-            x = x0.clone().requires_grad_() * 1
-            t0 = clock()
-            y = fn(x)
-            t1 = clock()
-            y.backward(grad)
-            t2 = clock()
-            if i:
-                times[name][0].append(t1 - t0)
-                times[name][1].append(t2 - t1)
-    return {name: (statistics.median(f), statistics.median(b)) for name, (f, b) in times.items()}
-
-
-def switched_step_times(model_name: str, batch: int, module_type: type, switch: str, repeats: int,
-                        clock=time.perf_counter) -> dict:
-    """Median seconds of a training step (bf16 autocast, channels_last) of zoo model ``model_name``
-    with the boolean attribute ``switch`` of every ``module_type`` module False ("off") and True
-    ("on"), e.g. ``ConvBlock.fused``: two copies of the model taking turns step by step."""
-    x = torch.randn(batch, *get_spec(model_name).input_shape).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    setups = {}
-    for name, value in (("off", False), ("on", True)):
-        torch.manual_seed(0)
-        model = create_model(model_name).to(memory_format=torch.channels_last)
-        for m in model.modules():
-            if isinstance(m, module_type):
-                setattr(m, switch, value)
-        setups[name] = (model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9))
-    return interleaved_step_times(setups, x, y, torch.bfloat16, repeats, clock)
-
-
 def train_gflops(macs_per_image: int, images_per_s: float) -> float:
     return TRAIN_FLOPS_PER_MAC * macs_per_image * images_per_s / 1e9
 
