@@ -147,3 +147,19 @@ def test_throughput_of_a_recipe_uses_its_batch_size_and_model_options():
     rows = bench.throughput([cfg, "mnist_8k"], steps=1, settings=(("float32", True),), log=lambda *a: None)
     assert [(r["model"], r["batch_size"]) for r in rows] == [("mnist_fast", 256), ("mnist_8k", 128)]
     assert rows[0]["macs_per_image"] == summarize("mnist_fast", crop=20).macs != summarize("mnist_fast").macs
+
+
+def test_throughput_of_a_recipe_steps_in_its_micro_batches(monkeypatch):
+    cfg = load_recipe(ROOT / "recipes" / "mnist_8k.toml", ["train.micro_batch=48", "data.batch_size=128"])
+    chunks = []
+
+    def recording(x, y, size):
+        parts = train.micro_batches(x, y, size)
+        chunks.append([len(yk) for _, yk in parts])
+        return parts
+
+    monkeypatch.setattr(bench, "micro_batches", recording)
+    rows = bench.throughput([cfg], steps=1, settings=(("float32", True),), log=lambda *a: None)
+    assert chunks == [[48, 48, 32]] * 2  # a warm-up step and a timed one
+    assert rows[0]["micro_batch"] == 48 and rows[0]["batch_size"] == 128
+    assert "| mnist_8k | 128 in 48s | float32 |" in bench.throughput_markdown(rows)

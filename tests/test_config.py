@@ -156,6 +156,7 @@ def test_epochs_must_be_at_least_one(tmp_path, epochs):
     ('[schedule]\nname = "piecewise"\n', "needs knots and values"),
     ("[schedule]\nknots = [0, 1]\nvalues = [1]\n", "same length"),
     ("[data]\nalternate_flip = true\n", "data.alternate_flip needs data.flip = true"),
+    ("[train]\nmicro_batch = -1\n", "train.micro_batch = -1: must be >= 0"),
 ])
 def test_out_of_range_values(tmp_path, text, needle):
     assert needle in error_of(tmp_path, text)

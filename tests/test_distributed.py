@@ -101,6 +101,23 @@ def test_two_processes_train_the_parameters_one_process_does_and_resume_with_one
                                                      "result.json", "summary.txt"]  # rank 0 alone wrote
 
 
+def test_micro_batches_on_one_and_two_processes_train_the_whole_batch_parameters(tmp_path):
+    """train.micro_batch sums the gradients of a batch's chunks: with no BatchNorm that is the whole
+    batch's gradient. One process in chunks of 48 (48 + 48 + 32 of 128 images) and two processes in
+    chunks of 24 (24 + 24 + 16 of 64 each; DDP all-reduces once per step) end on the parameters and
+    training curve of one process with whole batches (to float-addition order)."""
+    whole, one, two = tmp_path / "whole", tmp_path / "one", tmp_path / "two"
+    for proc in (run(SCRIPT, whole, 2), run(SCRIPT, one, 2, "--micro-batch", 48),
+                 torchrun(2, SCRIPT, two, 2, "--micro-batch", 24)):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a = runs.load_checkpoint(whole)
+    for other in (one, two):
+        assert relative_gap(a["state_dict"], runs.load_checkpoint(other)["state_dict"]) < 1e-5
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert curve(other, key) == pytest.approx(curve(whole, key), rel=1e-5), key
+    assert runs.load_checkpoint(two)["config"]["train"]["micro_batch"] == 24
+
+
 def test_batchnorm_net_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
     """mnist_fast has BatchNorm: on 2 CPU processes each normalises with the statistics of its own 128
     images instead of all 256 (SyncBatchNorm does not run on CPU), so the runs differ by the sampling

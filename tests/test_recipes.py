@@ -19,10 +19,13 @@ from cnnlab.summary import count_params
 from cnnlab.train import train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-CIFAR = ["cifar_sep92k", "cifar_dw56k", "resnet9", "resnet9_onecycle", "resnet_custom", "airbench94", "airbench94_muon"]
+CIFAR = ["cifar_sep92k", "cifar_dw56k", "resnet9", "resnet9_onecycle", "resnet_custom", "airbench94", "airbench94_muon",
+         "airbench_muon_cpu"]
 SMALL = ["train.quiet=true", "train.threads=1", "data.subset=256", "data.val_split=256", "data.eval_batch_size=256",
          "data.batch_size=64", "train.epochs=2", "train.target=0"]
-NARROW = {"resnet9": ["model.width=0.25"], "resnet9_onecycle": ["model.width=0.25"], "resnet_custom": ["model.width=0.25"]}
+# per recipe: the ResNets at a quarter width; airbench_muon_cpu's chunks scaled to the smaller batch (64 = 24 + 24 + 16)
+NARROW = {"resnet9": ["model.width=0.25"], "resnet9_onecycle": ["model.width=0.25"], "resnet_custom": ["model.width=0.25"],
+          "airbench_muon_cpu": ["train.micro_batch=24"]}
 
 
 @pytest.fixture(scope="module")

@@ -878,6 +878,19 @@ def test_setup_leaves_the_callers_config_alone(tmp_path, mnist_ok):
     assert config.to_dict(cfg) == before
 
 
+def test_micro_batches_normalise_each_chunk_with_its_own_statistics(tmp_path, mnist_ok):
+    """mnist_tiny has BatchNorm: in chunks of 32 each chunk is normalised by its own statistics, so
+    training differs from whole batches of 128; a chunk as large as the batch is the whole batch."""
+    whole = runs.load_checkpoint(train(tiny("train.epochs=1"), tmp_path / "whole").run_dir)
+    same = runs.load_checkpoint(train(tiny("train.epochs=1", "train.micro_batch=128"), tmp_path / "same").run_dir)
+    chunks = runs.load_checkpoint(train(tiny("train.epochs=1", "train.micro_batch=32"), tmp_path / "chunks").run_dir)
+    assert all(torch.equal(v, same["state_dict"][k]) for k, v in whole["state_dict"].items())
+    gaps = {k: float((chunks["state_dict"][k] - v).abs().max()) for k, v in whole["state_dict"].items()
+            if v.is_floating_point()}
+    assert max(gaps.values()) > 1e-3, gaps
+    assert all(torch.isfinite(v).all() for v in chunks["state_dict"].values() if v.is_floating_point())
+
+
 def test_eval_every_and_tta_at_the_end_only(tmp_path, mnist_ok):
     res = train(tiny("train.epochs=3", "train.eval_every=2", "train.tta=true", "train.tta_each_epoch=false"),
                 tmp_path / "run")

@@ -26,7 +26,7 @@ from cnnlab.evaluate import DTYPES, autocast
 from cnnlab.models import create_model, get_spec, list_models
 from cnnlab.summary import data_facts, summarize
 from cnnlab.tables import format_table
-from cnnlab.train import resolve_device, sync, torch_threads, train
+from cnnlab.train import micro_batches, resolve_device, sync, torch_threads, train
 
 # Training FLOPs per image = 6 x MACs: the forward pass is 2 FLOPs per MAC, the backward pass twice
 # the forward (gradients for inputs and for weights); element-wise work (BN, ReLU) is not counted.
@@ -206,7 +206,7 @@ def markdown(result: dict) -> str:
 
 
 def _job(entry: str | Config, batch_size: int | None) -> tuple:
-    """(name, model maker, input shape, classes, batch size) of a zoo name or a recipe's Config."""
+    """(name, model maker, input shape, classes, batch size, micro-batch) of a zoo name or a recipe's Config."""
     if isinstance(entry, Config):
         shape, num_classes, _ = data_facts(entry.data)
         models.build(entry.model.name, entry.model.options, num_classes, shape)  # bad input fails here, once
@@ -214,10 +214,11 @@ def _job(entry: str | Config, batch_size: int | None) -> tuple:
         def make():
             return models.build(entry.model.name, entry.model.options, num_classes, shape)
 
-        return models.label(entry.model.name), make, shape, num_classes, batch_size or entry.data.batch_size
+        return (models.label(entry.model.name), make, shape, num_classes, batch_size or entry.data.batch_size,
+                entry.train.micro_batch)
     spec = get_spec(entry)
     default_bs = 128 if spec.input_shape[0] == 1 else 256
-    return spec.name, lambda: create_model(spec.name), spec.input_shape, spec.num_classes, batch_size or default_bs
+    return spec.name, lambda: create_model(spec.name), spec.input_shape, spec.num_classes, batch_size or default_bs, 0
 
 
 def throughput(entries: list[str | Config] | None = None, batch_size: int | None = None, steps: int = 10,
@@ -226,14 +227,15 @@ def throughput(entries: list[str | Config] | None = None, batch_size: int | None
     """Forward+backward+SGD images/s of zoo models per (dtype, channels_last) setting.
 
     An entry of ``entries`` is a zoo name (batch 128 for 1-channel input, else 256) or a recipe's
-    ``Config`` (its model, whatever kind, for its dataset's images, at its batch size); ``batch_size`` overrides either. A
+    ``Config`` (its model, whatever kind, for its dataset's images, at its batch size, in its
+    ``train.micro_batch`` chunks); ``batch_size`` overrides either. A
     model's settings take turns step by step and each reports its median step, so a change in the
     machine's load hits all of them alike and their ratios hold."""
     device = str(resolve_device(device))
     jobs = [_job(entry, batch_size) for entry in entries or list_models()]  # all checked before any timing
     peaks = {d: matmul_peak_gflops(d, device) for d in sorted({d for d, _ in settings})}
     rows = []
-    for name, make, shape, num_classes, bs in jobs:
+    for name, make, shape, num_classes, bs, micro in jobs:
         macs = summarize(make(), input_shape=shape).macs
         torch.manual_seed(0)
         x = torch.randn(bs, *shape, device=device)
@@ -253,23 +255,24 @@ def throughput(entries: list[str | Config] | None = None, batch_size: int | None
             for k, (model, opt, xs, dtype) in enumerate(setups):
                 sync(device)
                 t0 = time.perf_counter()
-                with autocast(torch.device(device), dtype):
-                    loss = F.cross_entropy(model(xs).float(), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                for xk, yk in micro_batches(xs, y, micro):  # as train_epoch does
+                    with autocast(torch.device(device), dtype):
+                        loss = F.cross_entropy(model(xk).float(), yk)
+                    (loss * (len(yk) / bs)).backward()
                 opt.step()
                 sync(device)
                 if i:  # the first round warms up
                     times[k].append(time.perf_counter() - t0)
         for (dtype_name, cl), t in zip(settings, times):
             sec = statistics.median(t)
-            row = {"model": name, "batch_size": bs, "dtype": dtype_name, "channels_last": cl,
+            row = {"model": name, "batch_size": bs, "micro_batch": micro, "dtype": dtype_name, "channels_last": cl,
                    "ms_per_step": 1000 * sec, "images_per_s": bs / sec, "macs_per_image": macs}
             row["gflops"] = train_gflops(macs, row["images_per_s"])
             row["pct_of_peak"] = 100 * row["gflops"] / peaks[dtype_name]
             row["peak_gflops"] = peaks[dtype_name]
             rows.append(row)
-            log(f"{name:14s} bs {bs:4d} {dtype_name:9s} {'channels_last' if cl else 'NCHW':13s} "
+            log(f"{name:14s} bs {bs:4d}{f' in {micro}s' if micro else ''} {dtype_name:9s} {'channels_last' if cl else 'NCHW':13s} "
                 f"{row['ms_per_step']:9.1f} ms/step {row['images_per_s']:9.0f} img/s {row['gflops']:7.1f} GFLOP/s "
                 f"({row['pct_of_peak']:.0f}% of matmul peak)")
     return rows
@@ -277,7 +280,7 @@ def throughput(entries: list[str | Config] | None = None, batch_size: int | None
 
 def throughput_markdown(rows: list[dict]) -> str:
     head = ["model", "batch", "dtype", "layout", "ms/step", "img/s", "GFLOP/s", "% of matmul peak"]
-    body = [[r["model"], r["batch_size"], r["dtype"], "channels_last" if r["channels_last"] else "NCHW",
+    body = [[r["model"], f"{r['batch_size']} in {r['micro_batch']}s" if r["micro_batch"] else r["batch_size"], r["dtype"], "channels_last" if r["channels_last"] else "NCHW",
              f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", f"{r['gflops']:.1f}", f"{r['pct_of_peak']:.1f}"]
             for r in rows]
     return format_table(head, body, left=(0, 2, 3), markdown=True)

@@ -111,6 +111,7 @@ class TrainConfig:
     tta: bool = False  # average predictions over the image and its mirror at evaluation
     tta_shift: int = 0  # also average over the image shifted by +-N pixels along the diagonal (0 = off)
     tta_each_epoch: bool = True  # false: one view per epoch, the TTA views at the last epoch only (wall time)
+    micro_batch: int = 0  # forward+backward in chunks of this many images, one optimizer step per batch (0 = whole batch): see README
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     sync_bn: bool = False  # several CUDA processes: BatchNorm statistics over the global batch (SyncBatchNorm)
     quiet: bool = False
@@ -259,6 +260,7 @@ def validate(cfg: Config) -> None:
         (cfg.optim.decay >= 0, f"optim.decay = {cfg.optim.decay}: must be >= 0"),
         (0 <= cfg.train.ema < 1, f"train.ema = {cfg.train.ema}: must be in [0, 1)"),
         (0 <= cfg.train.lookahead < 1, f"train.lookahead = {cfg.train.lookahead}: must be in [0, 1) (airbench: 0.95)"),
+        (cfg.train.micro_batch >= 0, f"train.micro_batch = {cfg.train.micro_batch}: must be >= 0 (0 = the whole batch)"),
         (cfg.train.eval_every >= 1, f"train.eval_every = {cfg.train.eval_every}: must be >= 1 (1 = every epoch)"),
         (0 <= cfg.train.tta_shift <= 4, f"train.tta_shift = {cfg.train.tta_shift}: must be 0 (off) to 4 pixels"),
         (0 <= cfg.train.target <= 1, f"train.target = {cfg.train.target}: an accuracy in [0, 1], e.g. 0.994"),

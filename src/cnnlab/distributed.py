@@ -152,6 +152,14 @@ class DataParallel:
         return self.ddp
 
 
+def no_sync(module: torch.nn.Module, last: bool):
+    """Around a micro-batch's forward and backward: DDP's ``no_sync`` on all but the last part of a
+    step (gradients stay local and add up; the last backward all-reduces their sum once)."""
+    if last or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
 def check_sync_bn(asked: bool, device_type: str, processes: int) -> None:
     if asked and processes > 1 and device_type != "cuda":
         raise CnnlabError("train.sync_bn = true needs CUDA (SyncBatchNorm does not run on CPU); set "

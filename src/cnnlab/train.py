@@ -1,7 +1,8 @@
 """The training loop: ``train(cfg, out)`` reads top to bottom as a few named steps.
 
-Per step: LR (and momentum) from the schedule, forward under autocast, loss, backward, optimizer
-step, lookahead and EMA updates. Per epoch (``run_epoch``): train, evaluate (every
+Per step: LR (and momentum) from the schedule, forward under autocast, loss, backward (in
+``train.micro_batch`` chunks, gradients summed, when the recipe asks), optimizer step, lookahead
+and EMA updates. Per epoch (``run_epoch``): train, evaluate (every
 ``train.eval_every`` epochs and after the last), record the row in the ``RunState`` (best, target,
 plateau), save ``last.pt`` (and ``best.pt``) and ``metrics.jsonl``, print the table row.
 ``train(cfg, out, resume=True)`` restores the ``RunState``, optimizer and RNG states from
@@ -242,6 +243,19 @@ def backward_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: to
     """Gradients of ``loss`` (scaled for fp16), optional clipping, one optimizer step."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    optimizer_step(model, opt, scaler, grad_clip)
+
+
+def micro_batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batch in consecutive chunks of ``size`` images (the last may be smaller); 0: the whole batch."""
+    if not size or size >= len(y):
+        return [(x, y)]
+    return list(zip(x.split(size), y.split(size)))
+
+
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   grad_clip: float = 0.0) -> None:
+    """Optional clipping of the gradients already accumulated, then one optimizer step."""
     if grad_clip:
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -446,17 +460,22 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
             step = (epoch - 1) * steps_per_epoch + i
             lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
             set_lr(opt, lr, mom)
-            logits, loss = forward_loss(forward, x, y, s.dtype, cfg.optim.label_smoothing)
-            # free on one CPU process; on CUDA, and with several processes (all must stop together), the epoch-end check
-            if device.type == "cpu" and s.world.size == 1 and not torch.isfinite(loss):
-                raise _Diverged(epoch, i + 1, float(loss.detach()), lr)
-            backward_step(model, opt, s.scaler, loss, cfg.optim.grad_clip)
+            opt.zero_grad(set_to_none=True)
+            parts = micro_batches(x, y, cfg.train.micro_batch)
+            for k, (xk, yk) in enumerate(parts):  # gradients summed over the parts: the batch's mean loss
+                with distributed.no_sync(forward, last=k == len(parts) - 1):  # one all-reduce per step
+                    logits, loss = forward_loss(forward, xk, yk, s.dtype, cfg.optim.label_smoothing)
+                    # free on one CPU process; on CUDA, and with several processes (all must stop together), the epoch-end check
+                    if device.type == "cpu" and s.world.size == 1 and not torch.isfinite(loss):
+                        raise _Diverged(epoch, i + 1, float(loss.detach()), lr)
+                    s.scaler.scale(loss * (len(yk) / len(y))).backward()
+                loss_sum += loss.detach() * len(yk)
+                correct += (logits.argmax(1) == yk).sum()
+            optimizer_step(model, opt, s.scaler, cfg.optim.grad_clip)
             if cfg.train.lookahead:
                 st.lookahead = lookahead_update(st.lookahead, model, step, total, cfg.train.lookahead)
             if s.ema is not None:
                 ema_update(s.ema, model, cfg.train.ema)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             bar.update()
     if st.lookahead is not None and epoch == cfg.train.epochs:  # training ends on the average (airbench)
