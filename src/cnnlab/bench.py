@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cnnlab import models, runs
+from cnnlab import allocator, models, runs
 from cnnlab.config import Config
 from cnnlab.evaluate import DTYPES, autocast
 from cnnlab.models import create_model, get_spec, list_models
@@ -230,7 +230,9 @@ def throughput(entries: list[str | Config] | None = None, batch_size: int | None
     ``Config`` (its model, whatever kind, for its dataset's images, at its batch size, in its
     ``train.micro_batch`` chunks); ``batch_size`` overrides either. A
     model's settings take turns step by step and each reports its median step, so a change in the
-    machine's load hits all of them alike and their ratios hold."""
+    machine's load hits all of them alike and their ratios hold. Freed memory is kept, as in training
+    (``allocator.keep_freed_memory``)."""
+    allocator.keep_freed_memory()
     device = str(resolve_device(device))
     jobs = [_job(entry, batch_size) for entry in entries or list_models()]  # all checked before any timing
     peaks = {d: matmul_peak_gflops(d, device) for d in sorted({d for d, _ in settings})}

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab import config as config_mod
-from cnnlab import distributed, models, muon, runs
+from cnnlab import allocator, distributed, models, muon, runs
 from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
 from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
@@ -194,7 +194,9 @@ def make_loaders(cfg: Config, ds: Dataset, device: torch.device, world: World = 
 
 def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: World = World()) -> Setup:
     """Load data, build (or take) and check the model, loaders, optimizer and helpers for ``cfg``
-    (in process ``world.rank`` of a data-parallel run)."""
+    (in process ``world.rank`` of a data-parallel run). The process keeps the memory its steps free
+    (``allocator.keep_freed_memory``)."""
+    allocator.keep_freed_memory()
     threads = cfg.train.threads or world.threads  # 0: torch's default
     if threads:
         torch.set_num_threads(threads)
