@@ -151,14 +151,14 @@ def test_throughput_of_a_recipe_uses_its_batch_size_and_model_options():
 
 def test_throughput_of_a_recipe_steps_in_its_micro_batches(monkeypatch):
     cfg = load_recipe(ROOT / "recipes" / "mnist_8k.toml", ["train.micro_batch=48", "data.batch_size=128"])
-    chunks = []
+    chunks, split = [], train.micro_batches
 
     def recording(x, y, size):
-        parts = train.micro_batches(x, y, size)
+        parts = split(x, y, size)
         chunks.append([len(yk) for _, yk in parts])
         return parts
 
-    monkeypatch.setattr(bench, "micro_batches", recording)
+    monkeypatch.setattr(train, "micro_batches", recording)  # what train_epoch's chunked step splits with
     rows = bench.throughput([cfg], steps=1, settings=(("float32", True),), log=lambda *a: None)
     assert chunks == [[48, 48, 32]] * 2  # a warm-up step and a timed one
     assert rows[0]["micro_batch"] == 48 and rows[0]["batch_size"] == 128

@@ -10,7 +10,7 @@ import torch
 
 from cnnlab import config, runs
 from cnnlab.layers import Dropout
-from cnnlab.train import Interrupted, backward_step, ema_update, grad_scaler, train
+from cnnlab.train import Interrupted, ema_update, grad_scaler, optimizer_step, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.quiet=true", "train.threads=1", 'train.dtype="float32"', "train.target=0", "data.subset=512",
@@ -106,7 +106,8 @@ def one_step(grad_clip: float = 0.0, dtype=torch.float32, scale_loss: float = 1.
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     scaler = scaler or grad_scaler(torch.device("cpu"), dtype)
     loss = model(torch.randn(16, 20)).pow(2).mean() * scale_loss
-    backward_step(model, opt, scaler, loss, grad_clip)
+    scaler.scale(loss).backward()
+    optimizer_step(model, opt, scaler, grad_clip)
     return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]), scaler
 
 

@@ -26,7 +26,7 @@ from cnnlab.evaluate import DTYPES, autocast
 from cnnlab.models import create_model, get_spec, list_models
 from cnnlab.summary import data_facts, summarize
 from cnnlab.tables import format_table
-from cnnlab.train import micro_batches, resolve_device, sync, torch_threads, train
+from cnnlab.train import accumulate_gradients, resolve_device, sync, torch_threads, train
 
 # Training FLOPs per image = 6 x MACs: the forward pass is 2 FLOPs per MAC, the backward pass twice
 # the forward (gradients for inputs and for weights); element-wise work (BN, ReLU) is not counted.
@@ -253,15 +253,14 @@ def throughput(entries: list[str | Config] | None = None, batch_size: int | None
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
             setups.append((model, opt, xs, DTYPES[dtype_name]))
         times = [[] for _ in settings]
+        no_scaling = torch.amp.GradScaler(torch.device(device).type, enabled=False)
         for i in range(steps + 1):
             for k, (model, opt, xs, dtype) in enumerate(setups):
                 sync(device)
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                for xk, yk in micro_batches(xs, y, micro):  # as train_epoch does
-                    with autocast(torch.device(device), dtype):
-                        loss = F.cross_entropy(model(xk).float(), yk)
-                    (loss * (len(yk) / bs)).backward()
+                for _ in accumulate_gradients(model, xs, y, dtype, micro, no_scaling):  # as train_epoch does
+                    pass
                 opt.step()
                 sync(device)
                 if i:  # the first round warms up

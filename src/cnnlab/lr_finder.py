@@ -20,7 +20,7 @@ import torch
 from cnnlab import runs
 from cnnlab.config import Config
 from cnnlab.errors import CnnlabError
-from cnnlab.train import backward_step, forward_loss, grad_scaler, set_lr, setup, torch_threads
+from cnnlab.train import accumulate_gradients, grad_scaler, optimizer_step, set_lr, setup, torch_threads
 
 
 def exp_lrs(start: float, end: float, steps: int) -> list[float]:
@@ -82,12 +82,14 @@ def _lr_find(cfg, start_lr, end_lr, steps, beta, diverge, log):
                 batches = s.train_loader.epoch(gen)
                 x, y = next(batches)
             set_lr(opt, lr, None)
-            _, loss = forward_loss(model, x, y, s.dtype, cfg.optim.label_smoothing)
-            value = float(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            value = sum(float(loss.detach()) * len(yk) / len(y)  # in the recipe's micro-batches, as training steps
+                        for _, loss, yk in accumulate_gradients(model, x, y, s.dtype, cfg.train.micro_batch, scaler,
+                                                                cfg.optim.label_smoothing))
             if not math.isfinite(value):
                 stop_reason = "non-finite loss"
                 break
-            backward_step(model, opt, scaler, loss, cfg.optim.grad_clip)
+            optimizer_step(model, opt, scaler, cfg.optim.grad_clip)
             lrs.append(lr)
             losses.append(value)
             smoothed = ema_smooth(losses, beta)

@@ -240,12 +240,18 @@ def forward_loss(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
         return logits, F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
 
 
-def backward_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  loss: torch.Tensor, grad_clip: float = 0.0) -> None:
-    """Gradients of ``loss`` (scaled for fp16), optional clipping, one optimizer step."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    optimizer_step(model, opt, scaler, grad_clip)
+def accumulate_gradients(forward, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, micro_batch: int,
+                         scaler: torch.amp.GradScaler, label_smoothing: float = 0.0):
+    """Forward and backward of one batch in chunks of ``micro_batch`` images (0: whole), adding to the
+    gradients; each chunk's mean loss is weighted by its share of the batch, so the sum is the
+    batch's gradient. Under DDP all chunks but the last skip the all-reduce (one per batch). Yields
+    each chunk's (logits, loss, labels) after its backward; one ``optimizer_step`` per batch follows."""
+    parts = micro_batches(x, y, micro_batch)
+    for k, (xk, yk) in enumerate(parts):
+        with distributed.no_sync(forward, last=k == len(parts) - 1):
+            logits, loss = forward_loss(forward, xk, yk, dtype, label_smoothing)
+            scaler.scale(loss * (len(yk) / len(y))).backward()
+        yield logits, loss, yk
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -463,14 +469,11 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
             lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
             set_lr(opt, lr, mom)
             opt.zero_grad(set_to_none=True)
-            parts = micro_batches(x, y, cfg.train.micro_batch)
-            for k, (xk, yk) in enumerate(parts):  # gradients summed over the parts: the batch's mean loss
-                with distributed.no_sync(forward, last=k == len(parts) - 1):  # one all-reduce per step
-                    logits, loss = forward_loss(forward, xk, yk, s.dtype, cfg.optim.label_smoothing)
-                    # free on one CPU process; on CUDA, and with several processes (all must stop together), the epoch-end check
-                    if device.type == "cpu" and s.world.size == 1 and not torch.isfinite(loss):
-                        raise _Diverged(epoch, i + 1, float(loss.detach()), lr)
-                    s.scaler.scale(loss * (len(yk) / len(y))).backward()
+            for logits, loss, yk in accumulate_gradients(forward, x, y, s.dtype, cfg.train.micro_batch, s.scaler,
+                                                         cfg.optim.label_smoothing):
+                # free on one CPU process; on CUDA, and with several processes (all must stop together), the epoch-end check
+                if device.type == "cpu" and s.world.size == 1 and not torch.isfinite(loss):
+                    raise _Diverged(epoch, i + 1, float(loss.detach()), lr)  # before the optimizer step
                 loss_sum += loss.detach() * len(yk)
                 correct += (logits.argmax(1) == yk).sum()
             optimizer_step(model, opt, s.scaler, cfg.optim.grad_clip)
