@@ -83,9 +83,9 @@ def _lr_find(cfg, start_lr, end_lr, steps, beta, diverge, log):
                 x, y = next(batches)
             set_lr(opt, lr, None)
             opt.zero_grad(set_to_none=True)
-            value = sum(float(loss.detach()) * len(yk) / len(y)  # in the recipe's micro-batches, as training steps
-                        for _, loss, yk in accumulate_gradients(model, x, y, s.dtype, cfg.train.micro_batch, scaler,
-                                                                cfg.optim.label_smoothing))
+            chunks = accumulate_gradients(model, x, y, s.dtype, cfg.train.micro_batch, scaler,  # as training steps
+                                          cfg.optim.label_smoothing)
+            value = float(sum(loss * len(yk) for _, loss, yk in chunks)) / len(y)
             if not math.isfinite(value):
                 stop_reason = "non-finite loss"
                 break

@@ -241,17 +241,19 @@ def forward_loss(model, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
 
 
 def accumulate_gradients(forward, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, micro_batch: int,
-                         scaler: torch.amp.GradScaler, label_smoothing: float = 0.0):
+                         scaler: torch.amp.GradScaler, label_smoothing: float = 0.0) -> list[tuple]:
     """Forward and backward of one batch in chunks of ``micro_batch`` images (0: whole), adding to the
     gradients; each chunk's mean loss is weighted by its share of the batch, so the sum is the
-    batch's gradient. Under DDP all chunks but the last skip the all-reduce (one per batch). Yields
-    each chunk's (logits, loss, labels) after its backward; one ``optimizer_step`` per batch follows."""
+    batch's gradient. Under DDP all chunks but the last skip the all-reduce (one per batch). Returns
+    each chunk's (logits, loss, labels), detached; one ``optimizer_step`` per batch follows."""
     parts = micro_batches(x, y, micro_batch)
+    chunks = []
     for k, (xk, yk) in enumerate(parts):
         with distributed.no_sync(forward, last=k == len(parts) - 1):
             logits, loss = forward_loss(forward, xk, yk, dtype, label_smoothing)
             scaler.scale(loss * (len(yk) / len(y))).backward()
-        yield logits, loss, yk
+        chunks.append((logits.detach(), loss.detach(), yk))
+    return chunks
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -473,8 +475,8 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
                                                          cfg.optim.label_smoothing):
                 # free on one CPU process; on CUDA, and with several processes (all must stop together), the epoch-end check
                 if device.type == "cpu" and s.world.size == 1 and not torch.isfinite(loss):
-                    raise _Diverged(epoch, i + 1, float(loss.detach()), lr)  # before the optimizer step
-                loss_sum += loss.detach() * len(yk)
+                    raise _Diverged(epoch, i + 1, float(loss), lr)  # before the optimizer step
+                loss_sum += loss * len(yk)
                 correct += (logits.argmax(1) == yk).sum()
             optimizer_step(model, opt, s.scaler, cfg.optim.grad_clip)
             if cfg.train.lookahead:
