@@ -4,13 +4,17 @@ Every training step allocates and frees the same activation tensors. glibc's mal
 above its mmap threshold (128 KiB at first, at most 32 MiB) straight back to the kernel when they
 are freed, and trims the top of its heap, so each step page-faults its activations in again: the
 kernel traps on every 4 KiB page and zeroes it before the step may write it. On the 2-core host
-this was 1,700-1,950 page faults and 3-6 ms of kernel time per `mnist_tiny` step (about a tenth of
-the step's CPU time), and ~10% kernel time in the ResNet recipes. With every block served from
-malloc's heaps and nothing trimmed, the faults stop after the first steps (BENCHMARKS.md,
-"Page faults").
+that was ~1,500-1,950 page faults and 3-6 ms of kernel time per `mnist_tiny` step and ~4,400 and
+9 ms per `cifar_dw56k` step; with this setting the steps ran 1.13x and 1.32x faster, a ResNet's
+1.00x (BENCHMARKS.md, "Page faults").
 
-The setting is process-wide (malloc has one configuration) and only changes when memory goes back to
-the kernel: a training process keeps its peak footprint until it exits.
+``keep_freed_memory`` sets ``M_MMAP_MAX = 0`` (blocks come from malloc's heaps, not from their own
+mmap) and ``M_TRIM_THRESHOLD`` to its largest value (the heaps are not trimmed). What that costs:
+the setting is process-wide (malloc has one configuration) and a process keeps its peak footprint,
+and freed holes inside the heap, until it exits (a ResNet run: 1.8-2.4 GB resident against 1.4).
+glibc still maps a block of its own where a heap cannot hold it (beyond a thread heap's 64 MiB, or
+when the main heap cannot grow), so large requests do not fail. Other C libraries (macOS, musl)
+and a preloaded jemalloc or tcmalloc keep their own policy.
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ M_MMAP_MAX = -4  # glibc's malloc.h: most blocks served by mmap at once (0: none
 INT_MAX = 2**31 - 1  # mallopt takes an int
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to serve every block from its heaps and never trim them; False where the C
-    library is not glibc (macOS, musl, Windows), which keeps its own policy."""
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library if it is glibc (Linux), else None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # musl and others name their C library differently
-        return False
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, INT_MAX))
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to serve blocks from its heaps and never trim them; False where the C
+    library is not glibc, which keeps its own policy."""
+    libc = glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, INT_MAX))
