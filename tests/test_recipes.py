@@ -19,7 +19,7 @@ from cnnlab.summary import count_params
 from cnnlab.train import train
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-CIFAR = ["cifar_sep92k", "cifar_dw56k", "resnet9", "resnet9_onecycle", "resnet_custom", "airbench94", "airbench94_muon",
+CIFAR = ["cifar_sep92k", "cifar_dw56k", "cifar_dw56k_fast", "resnet9", "resnet9_onecycle", "resnet_custom", "airbench94", "airbench94_muon",
          "airbench_muon_cpu"]
 SMALL = ["train.quiet=true", "train.threads=1", "data.subset=256", "data.val_split=256", "data.eval_batch_size=256",
          "data.batch_size=64", "train.epochs=2", "train.target=0"]
