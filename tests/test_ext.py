@@ -28,3 +28,11 @@ def test_cache_folder_is_keyed_by_name_source_and_cpu(monkeypatch):
     assert ext.build_dir("other", "int a;") != a
     monkeypatch.setattr(ext, "cpu_features", lambda: "another cpu")
     assert ext.build_dir("k", "int a;") != a
+
+
+def test_cache_folder_is_keyed_by_the_install(monkeypatch, tmp_path):
+    """Two checkouts (or venvs) compile with different include paths: sharing a folder, each would
+    find the other's build stale and recompile it on every switch."""
+    a = ext.build_dir("k", "int a;")
+    monkeypatch.setattr(ext, "HERE", tmp_path / "another" / "checkout" / "cnnlab")
+    assert ext.build_dir("k", "int a;") != a

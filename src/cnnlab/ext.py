@@ -2,8 +2,9 @@
 
 Each kernel file is compiled the first time it is needed (``torch.utils.cpp_extension.load_inline``,
 ninja and a C++ compiler, a few seconds) into ``~/.cache/cnnlab/ext`` (``$CNNLAB_EXT_DIR``), in a
-folder named by a hash of the sources, the compiler flags, torch's version and the CPU's features,
-so a cache copied to another machine never runs code built for a different CPU. Nothing is built
+folder named by a hash of the sources, the compiler flags, torch's version, the CPU's features and
+where cnnlab and torch are installed, so a cache copied to another machine never runs code built for
+a different CPU, and two checkouts or venvs never rebuild each other's copy. Nothing is built
 at install time: pip's isolated build environment would need its own (multi-GB) torch. Without a
 compiler or ninja, ``load`` warns once and returns False, and the caller uses torch's kernels.
 """
@@ -53,7 +54,10 @@ def cpu_features() -> str:
 def build_dir(name: str, source: str) -> Path:
     """The cache folder of one build: ``source`` is every text that goes into it (kernel and header)."""
     root = Path(os.environ.get("CNNLAB_EXT_DIR") or Path.home() / ".cache" / "cnnlab" / "ext").expanduser()
-    key = "\n".join([source, " ".join(compiler_flags()), torch.__version__, sys.version, cpu_features()])
+    # the build's command line names this package's folder and torch's (include paths): two checkouts
+    # or venvs sharing one folder would each find the other's build stale and recompile it
+    installs = [str(HERE), str(Path(torch.__file__).parent)]
+    key = "\n".join([source, " ".join(compiler_flags()), torch.__version__, sys.version, cpu_features(), *installs])
     return root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
