@@ -101,3 +101,19 @@ def test_models_with_in_place_relus_train_exactly_as_with_plain_ones():
     assert torch.allclose(losses[0], losses[1])
     for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_build_kernels_builds_what_the_layers_call(monkeypatch):
+    from cnnlab import bnact, dwconv, layers
+    calls = []
+    monkeypatch.setattr(bnact, "available", lambda: calls.append("bnact") or True)
+    monkeypatch.setattr(dwconv, "available", lambda: calls.append("dwconv") or True)
+    layers.build_kernels(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+    assert calls == []
+    block = conv_bn(1, 4)
+    layers.build_kernels(nn.Sequential(block, DepthwiseConv2d(4, 8, padding=1)))
+    assert calls == ["bnact", "dwconv"]
+    calls.clear()
+    block.fused = False
+    layers.build_kernels(block)
+    assert calls == []

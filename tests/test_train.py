@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab import config, runs
+from cnnlab import config, layers, runs
 from cnnlab import train as train_mod
 from cnnlab.augment import Loader
 from cnnlab.cli import main
@@ -904,3 +904,12 @@ def test_eval_every_and_tta_at_the_end_only(tmp_path, mnist_ok):
     # wall time counts evaluation and saving too, so it is never below training time
     assert all(r["wall_seconds"] >= r["train_seconds"] for r in res.history)
     assert res.result["wall_seconds"] >= res.result["train_seconds"]
+
+
+def test_setup_builds_the_models_cpu_kernels_before_any_step(monkeypatch, tmp_path, mnist_ok):
+    """The first epoch's time is the step's, not the C++ compiler's: setup builds (or loads) the
+    kernels the model's layers call, before the loop's timer starts."""
+    built = []
+    monkeypatch.setattr(layers, "build_kernels", lambda model: built.append(model))
+    s = train_mod.setup(tiny("train.epochs=1"), log=lambda *a: None)
+    assert built == [s.model]

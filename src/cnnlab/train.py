@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab import config as config_mod
-from cnnlab import allocator, distributed, models, muon, runs
+from cnnlab import allocator, distributed, layers, models, muon, runs
 from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
 from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
@@ -215,6 +215,8 @@ def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: W
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        layers.build_kernels(model)  # the compiler's time stays out of the first epoch's
     n = min(len(ds.train), 5000)
     models.init_from_data(model, normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
     model = distributed.sync_batchnorm(model, world, device, cfg.train.sync_bn)
