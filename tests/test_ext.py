@@ -35,4 +35,7 @@ def test_cache_folder_is_keyed_by_the_install(monkeypatch, tmp_path):
     find the other's build stale and recompile it on every switch."""
     a = ext.build_dir("k", "int a;")
     monkeypatch.setattr(ext, "HERE", tmp_path / "another" / "checkout" / "cnnlab")
-    assert ext.build_dir("k", "int a;") != a
+    b = ext.build_dir("k", "int a;")
+    assert b != a
+    monkeypatch.setattr(ext.torch, "__file__", str(tmp_path / "another" / "venv" / "torch" / "__init__.py"))
+    assert ext.build_dir("k", "int a;") not in (a, b)

@@ -108,12 +108,16 @@ def test_build_kernels_builds_what_the_layers_call(monkeypatch):
     calls = []
     monkeypatch.setattr(bnact, "available", lambda: calls.append("bnact") or True)
     monkeypatch.setattr(dwconv, "available", lambda: calls.append("dwconv") or True)
-    layers.build_kernels(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+    layers.build_kernels(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), channels_last=True)
+    layers.build_kernels(conv_bn(1, 4, act=None), channels_last=True)  # no BatchNorm -> activation pair
     assert calls == []
-    block = conv_bn(1, 4)
-    layers.build_kernels(nn.Sequential(block, DepthwiseConv2d(4, 8, padding=1)))
+    block, dw = conv_bn(1, 4), DepthwiseConv2d(4, 8, padding=1)
+    layers.build_kernels(nn.Sequential(block, dw), channels_last=True)
     assert calls == ["bnact", "dwconv"]
     calls.clear()
+    layers.build_kernels(nn.Sequential(block, dw), channels_last=False)  # the depthwise kernel needs NHWC
+    assert calls == ["bnact"]
+    calls.clear()
     block.fused = False
-    layers.build_kernels(block)
+    layers.build_kernels(nn.Sequential(block, DepthwiseConv2d(4, 8, k=5, padding=2)), channels_last=True)
     assert calls == []

@@ -206,14 +206,18 @@ class SeparableConv2d(nn.Sequential):
         self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=bias)
 
 
-def build_kernels(model: nn.Module) -> None:
-    """Compile (or load from the cache) the C++ CPU kernels ``model``'s layers call in training, now
-    rather than inside its first training step, whose time would otherwise include the compiler's
-    (~25 s on a 2-core machine for a fresh cache). A failed build warns and falls back, as on first use."""
+def build_kernels(model: nn.Module, channels_last: bool) -> None:
+    """Compile (or load from the cache) the C++ CPU kernels ``model``'s layers will call in training
+    (the fused BatchNorm kernel where a block has a BatchNorm -> ReLU/GELU pair; the depthwise one for
+    3x3 depthwise convs on ``channels_last`` maps), now rather than inside the first training step,
+    whose time would otherwise include the compiler's (~25 s on 2 cores, once per cache). A failed
+    build warns and falls back, as on first use."""
     mods = list(model.modules())
-    if any(isinstance(m, ConvBlock) and m.fused for m in mods):
+    if any(isinstance(m, ConvBlock) and m.fused and any(_bn_act_run(list(m), i) for i in range(len(m)))
+           for m in mods):
         bnact.available()
-    if any(isinstance(m, DepthwiseConv2d) and m.fast for m in mods):
+    if channels_last and any(isinstance(m, DepthwiseConv2d) and m.fast and m.kernel_size == (3, 3)
+                             and m.padding_mode == "zeros" for m in mods):
         dwconv.available()
 
 
