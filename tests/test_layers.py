@@ -121,3 +121,26 @@ def test_build_kernels_builds_what_the_layers_call(monkeypatch):
     block.fused = False
     layers.build_kernels(nn.Sequential(block, DepthwiseConv2d(4, 8, k=5, padding=2)), channels_last=True)
     assert calls == []
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_build_kernels_says_when_it_compiles(monkeypatch, cached):
+    from cnnlab import bnact, layers
+    monkeypatch.setattr(bnact, "cached", lambda: cached)
+    monkeypatch.setattr(bnact, "available", lambda: True)
+    said = []
+    layers.build_kernels(conv_bn(1, 4), channels_last=True, log=said.append)
+    assert len(said) == (0 if cached else 1)
+    assert all("compiling" in s for s in said)
+
+
+def test_a_kernel_is_cached_once_built(monkeypatch, tmp_path):
+    """``cached`` looks for the build's library in the folder ``load`` builds into."""
+    from cnnlab import ext
+    monkeypatch.setenv("CNNLAB_EXT_DIR", str(tmp_path))
+    assert not ext.cached("cnnlab_bnact", "bnact.cpp")
+    _, directory = ext.kernel_file("cnnlab_bnact", "bnact.cpp")
+    directory.mkdir(parents=True)
+    (directory / "cnnlab_bnact.so").write_bytes(b"")
+    assert ext.cached("cnnlab_bnact", "bnact.cpp")
+    assert not ext.cached("cnnlab_dwconv", "dwconv.cpp")

@@ -910,6 +910,6 @@ def test_setup_builds_the_models_cpu_kernels_before_any_step(monkeypatch, tmp_pa
     """The first epoch's time is the step's, not the C++ compiler's: setup builds (or loads) the
     kernels the model's layers call, before the loop's timer starts."""
     built = []
-    monkeypatch.setattr(layers, "build_kernels", lambda model, channels_last: built.append((model, channels_last)))
+    monkeypatch.setattr(layers, "build_kernels", lambda model, channels_last, log: built.append((model, channels_last)))
     s = train_mod.setup(tiny("train.epochs=1", "train.device=cpu", "train.channels_last=true"), log=lambda *a: None)
     assert built == [(s.model, True)]

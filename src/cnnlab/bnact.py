@@ -31,6 +31,11 @@ def available() -> bool:
     return ext.load("cnnlab_bnact", "bnact.cpp", "BatchNorm + activation + dropout")
 
 
+def cached() -> bool:
+    """Whether the kernels are built in the cache already (``available`` will not compile)."""
+    return ext.cached("cnnlab_bnact", "bnact.cpp")
+
+
 def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 

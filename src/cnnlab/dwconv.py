@@ -23,6 +23,11 @@ def available() -> bool:
     return ext.load("cnnlab_dwconv", "dwconv.cpp", "depthwise convolution")
 
 
+def cached() -> bool:
+    """Whether the kernels are built in the cache already (``available`` will not compile)."""
+    return ext.cached("cnnlab_dwconv", "dwconv.cpp")
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding: tuple, dilation: tuple,
             groups: int) -> bool:
     """Whether the kernels cover this call (checked before anything is built): a CPU channels_last

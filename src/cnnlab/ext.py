@@ -98,14 +98,26 @@ def build(source: str, directory: Path, name: str) -> None:
             raise BuildError(f"{type(e).__name__}: {e}") from None
 
 
+def kernel_file(name: str, filename: str) -> tuple[str, Path]:
+    """The source of the kernel file ``filename`` and the cache folder of its build as ``name``."""
+    source = (HERE / filename).read_text()
+    return source, build_dir(name, HEADER.read_text() + source)
+
+
+def cached(name: str, filename: str) -> bool:
+    """Whether the cache holds a build of ``filename`` as ``name`` already (``load`` compiles nothing)."""
+    _, directory = kernel_file(name, filename)
+    return directory.is_dir() and any(p.suffix == ".so" for p in directory.iterdir())
+
+
 @functools.cache
 def load(name: str, filename: str, what: str) -> bool:
     """Build and load the kernel file ``filename`` as ``torch.ops.<name>`` (once per process; the
     compiled library is cached on disk). A failed build warns once, naming ``what`` falls back, and
     gives False."""
-    source = (HERE / filename).read_text()
+    source, directory = kernel_file(name, filename)
     try:
-        build(source, build_dir(name, HEADER.read_text() + source), name)
+        build(source, directory, name)
     except BuildError as e:
         warnings.warn(f"cnnlab: the fast {what} could not be built ({e}); using torch's slower kernel",
                       RuntimeWarning, stacklevel=3)

@@ -206,19 +206,25 @@ class SeparableConv2d(nn.Sequential):
         self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=bias)
 
 
-def build_kernels(model: nn.Module, channels_last: bool) -> None:
+def build_kernels(model: nn.Module, channels_last: bool, log=print) -> None:
     """Compile (or load from the cache) the C++ CPU kernels ``model``'s layers will call in training
-    (the fused BatchNorm kernel where a block has a BatchNorm -> ReLU/GELU pair; the depthwise one for
-    3x3 depthwise convs on ``channels_last`` maps), now rather than inside the first training step,
-    whose time would otherwise include the compiler's (~25 s on 2 cores, once per cache). A failed
-    build warns and falls back, as on first use."""
+    (``bnact`` where a block has a BatchNorm -> ReLU/GELU pair; ``dwconv`` for 3x3 depthwise convs
+    on ``channels_last`` maps), now rather than inside the first training step, whose time would
+    otherwise include the compiler's (~25 s on 2 cores, once per cache; ``log`` says so first). A
+    failed build warns and falls back, as on first use. Both kernel modules have ``cached()`` and
+    ``available()``."""
     mods = list(model.modules())
+    kernels = []
     if any(isinstance(m, ConvBlock) and m.fused and any(_bn_act_run(list(m), i) for i in range(len(m)))
            for m in mods):
-        bnact.available()
+        kernels.append(bnact)
     if channels_last and any(isinstance(m, DepthwiseConv2d) and m.fast and m.kernel_size == (3, 3)
                              and m.padding_mode == "zeros" for m in mods):
-        dwconv.available()
+        kernels.append(dwconv)
+    if not all(k.cached() for k in kernels):
+        log("compiling cnnlab's C++ CPU kernels (once per cache, 10-30 s)")
+    for k in kernels:
+        k.available()
 
 
 class CenterCrop(nn.Module):

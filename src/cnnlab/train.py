@@ -216,7 +216,7 @@ def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: W
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     if device.type == "cpu" and not cfg.train.compile:  # (compiled graphs use torch's kernels)
-        layers.build_kernels(model, cfg.train.channels_last)  # the compiler's time stays out of epoch 1
+        layers.build_kernels(model, cfg.train.channels_last, log)  # the compiler's time stays out of epoch 1
     n = min(len(ds.train), 5000)
     models.init_from_data(model, normalize(ds.train.images[:n].to(device), train_loader.mean, train_loader.std))
     model = distributed.sync_batchnorm(model, world, device, cfg.train.sync_bn)
