@@ -120,6 +120,7 @@ def test_build_kernels_builds_what_the_layers_call(monkeypatch):
     calls.clear()
     block.fused = False
     layers.build_kernels(nn.Sequential(block, DepthwiseConv2d(4, 8, k=5, padding=2)), channels_last=True)
+    layers.build_kernels(DepthwiseConv2d(4, 8, stride=3), channels_last=True)  # the kernels take stride 1 or 2
     assert calls == []
 
 

@@ -28,14 +28,20 @@ def cached() -> bool:
     return ext.cached("cnnlab_dwconv", "dwconv.cpp")
 
 
+def covers(weight: torch.Tensor, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> bool:
+    """Whether the kernels cover a layer with these settings: a 3x3 depthwise weight (any channel
+    multiplier), stride 1 or 2, padding 0 or 1, no dilation."""
+    return (tuple(weight.shape[1:]) == (1, 3, 3) and weight.shape[0] % groups == 0
+            and tuple(dilation) == (1, 1) and tuple(stride) in ((1, 1), (2, 2)) and tuple(padding) in ((0, 0), (1, 1)))
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding: tuple, dilation: tuple,
             groups: int) -> bool:
-    """Whether the kernels cover this call (checked before anything is built): a CPU channels_last
-    input of a supported dtype with ``groups`` channels, a 3x3 depthwise weight, stride 1 or 2,
-    padding 0 or 1, no dilation, outside torch.compile and tracing (they do not know the op)."""
+    """Whether the kernels cover this call (checked before anything is built): a layer they
+    ``covers``, on a CPU channels_last input of a supported dtype with ``groups`` channels, outside
+    torch.compile and tracing (they do not know the op)."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] == groups and compute_dtype(x) in DTYPES
-            and tuple(weight.shape[1:]) == (1, 3, 3) and weight.shape[0] % groups == 0
-            and tuple(dilation) == (1, 1) and tuple(stride) in ((1, 1), (2, 2)) and tuple(padding) in ((0, 0), (1, 1))
+            and covers(weight, stride, padding, dilation, groups)
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 

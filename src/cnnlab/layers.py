@@ -218,8 +218,8 @@ def build_kernels(model: nn.Module, channels_last: bool, log=print) -> None:
     if any(isinstance(m, ConvBlock) and m.fused and any(_bn_act_run(list(m), i) for i in range(len(m)))
            for m in mods):
         kernels.append(bnact)
-    if channels_last and any(isinstance(m, DepthwiseConv2d) and m.fast and m.kernel_size == (3, 3)
-                             and m.padding_mode == "zeros" for m in mods):
+    if channels_last and any(isinstance(m, DepthwiseConv2d) and m.fast and m.padding_mode == "zeros"
+                             and dwconv.covers(m.weight, m.stride, m.padding, m.dilation, m.groups) for m in mods):
         kernels.append(dwconv)
     if not all(k.cached() for k in kernels):
         log("compiling cnnlab's C++ CPU kernels (once per cache, 10-30 s)")
