@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -566,17 +567,32 @@ def _bad_folder(tmp_path, writers, what):
     if what == "undecodable":
         bad = root / "test" / "cat" / "broken.png"
         bad.write_bytes(b"\x89PNG not really")
-        return root, [str(bad), "cannot decode image", "expected a valid image"]
+        return root, [str(bad), "not an image", "expected a PNG"]
     if what == "size":
         bad = root / "train" / "emu" / "big.png"
         Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(bad)
         return root, [str(bad), "differs from", "expected all images the same size"]
     if what == "not-a-dir-name":
         return tmp_path / "nope", ["unknown dataset", str(tmp_path / "nope"), "known: mnist"]
+    if what == "test-class-not-in-train":
+        shutil.copytree(root / "test" / "cat", root / "test" / "fox")
+        return root, [str(root / "test" / "fox"), "class not in", "cat, dog, emu", "expected the same class folders"]
+    if what == "empty-class":
+        (root / "train" / "yak").mkdir()
+        return root, [str(root / "train" / "yak"), "no images in this class folder", "or remove the folder"]
+    if what == "one-class":
+        for cls in ("dog", "emu"):
+            for part in ("train", "test"):
+                shutil.rmtree(root / part / cls)
+        return root, [str(root / "train"), "one class folder (cat)", "at least 2"]
+    if what == "grey-among-colour":
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "train" / "emu" / "grey.png")
+        return root, ["grey.png", "grey (1 channel)", "colour (3 channels)", "expected all grey or all colour"]
     raise AssertionError(what, fake)
 
 
-@pytest.mark.parametrize("what", ["empty", "empty-classes", "non-image", "undecodable", "size", "not-a-dir-name"])
+@pytest.mark.parametrize("what", ["empty", "empty-classes", "non-image", "undecodable", "size", "not-a-dir-name",
+                                  "test-class-not-in-train", "empty-class", "one-class", "grey-among-colour"])
 def test_bad_image_folder(primed, writers, tmp_path, what):
     root, mn, _, snap = primed
     src, needles = _bad_folder(tmp_path, writers, what)
@@ -587,6 +603,43 @@ def test_bad_image_folder(primed, writers, tmp_path, what):
     for needle in needles:
         assert needle in msg, (needle, msg)
     _check_untouched(root, snap, mn)
+
+
+def test_image_folder_reads_deep_grey_like_predict_and_skips_hidden_files(primed, writers, tmp_path):
+    """16-bit grey PNGs become the 8-bit values predict sees (not clipped to white), grey with alpha
+    stays grey, and hidden files and folders (.DS_Store, .ipynb_checkpoints) are not images or classes."""
+    from PIL import Image
+
+    from cnnlab.predict import read_image as predict_read
+
+    root, *_ = primed
+    fake = writers.write_image_folder(tmp_path / "deep", mode="L", layout="split")
+    for part in ("train", "test"):
+        for f in sorted((fake.root / part).glob("*/*.png")):
+            grey = np.asarray(Image.open(f))
+            Image.fromarray(grey.astype(np.uint16) * 257).save(f)  # the same picture in 16 bits
+            assert Image.open(f).mode.startswith("I")
+        (fake.root / part / "cat" / ".DS_Store").write_bytes(b"\x00\x01 not an image")
+        (fake.root / part / ".ipynb_checkpoints").mkdir()
+    la = fake.root / "train" / "dog" / "000.png"
+    Image.fromarray(np.stack([fake.images["train"][3][0], np.full((8, 8), 200, np.uint8)], -1), "LA").save(la)
+    ds = load_dataset(str(fake.root), root=root, log=quiet)
+    assert ds.classes == ["cat", "dog", "emu"]
+    assert ds.train.images.shape == (9, 1, 8, 8)
+    assert (ds.train.images.numpy() == fake.images["train"]).all()
+    assert (ds.test.images.numpy() == fake.images["test"]).all()
+    f = fake.root / "test" / "emu" / "001.png"
+    assert (predict_read(f, (1, 8, 8)) == ds.test.images[7].numpy()).all()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[1, 2]", b"{}", b'{"source": 5, "verified": true}'])
+def test_damaged_source_json_is_one_line(primed, content):
+    root, *_ = primed
+    (root / "mnist" / "source.json").write_bytes(content)
+    with pytest.raises(CnnlabError) as e:
+        load("mnist", root)
+    msg = str(e.value)
+    assert "\n" not in msg and "source.json" in msg and "damaged" in msg and "cnnlab data get mnist" in msg, msg
 
 
 def test_failed_get_on_empty_cache_leaves_nothing_loadable(cache_root, writers, tmp_path):

@@ -26,6 +26,7 @@ from PIL import Image
 
 from cnnlab import evaluate
 from cnnlab.augment import Loader
+from cnnlab.errors import CnnlabError
 from cnnlab.predict import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,3 +398,18 @@ def test_read_image_converts_depth_channels_and_size(tmp_path):
     assert (read_image(tmp_path / "tall.png", (1, 8, 8))[0] == grey).all()
     small = read_image(tmp_path / "grey.png", (1, 4, 4))[0]  # 2x2 blocks averaged
     assert (small == grey.reshape(4, 2, 4, 2).astype(float).mean((1, 3)).round()).all()
+
+
+def test_large_images_read_without_a_warning_and_bombs_are_one_error(tmp_path, monkeypatch):
+    """Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; cnnlab reads the first
+    silently (nothing on stderr beside its own output) and names the file for the second."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.fromarray(np.full((12, 12), 7, np.uint8)).save(tmp_path / "large.png")  # 144 pixels: a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert (read_image(tmp_path / "large.png", (1, 12, 12)) == 7).all()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "bomb.png")  # 400 pixels: refused
+    with pytest.raises(CnnlabError, match="bomb.png: not a readable image.*expected a valid PNG"):
+        read_image(tmp_path / "bomb.png", (1, 20, 20))

@@ -212,6 +212,7 @@ def test_resume_of_a_finished_run_changes_nothing_in_history(tmp_path, mnist_ok)
     first = train(tiny("train.epochs=1"), out)
     again = train(None, out, resume=True)
     assert again.history == first.history and again.result["epochs_run"] == 1
+    assert again.result["code"] == first.result["code"]  # no second entry: nothing ran
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -351,6 +352,12 @@ def bad_train_cases(tmp_path: Path, writers) -> dict[str, tuple[list, list[str]]
         "unknown model": ([TINY_RECIPE, *_args("model.name=mnist_tiniest")], ["unknown model 'mnist_tiniest'"]),
         "recipe missing": ([tmp_path / "nope.toml"], ["nope.toml", "no such file"]),
         "not toml": ([bad_toml], ["bad.toml", "not valid TOML"]),
+        "lr inf": ([TINY_RECIPE, *_args("lr=inf")], ["optim.lr = inf: expected a finite number"]),
+        "weight decay nan": ([TINY_RECIPE, *_args("optim.weight_decay=nan")], ["optim.weight_decay", "finite"]),
+        "seed too large": ([TINY_RECIPE, *_args("train.seed=123456789012345678901")], ["train.seed", "below 2**63"]),
+        "seed < 0": ([TINY_RECIPE, *_args("train.seed=-1")], ["train.seed = -1: must be >= 0"]),
+        "crop_pad >= size": ([TINY_RECIPE, *_args("data.crop_pad=28")], ["data.crop_pad = 28", "28x28 images"]),
+        "cutout > size": ([TINY_RECIPE, *_args("data.cutout=29")], ["data.cutout = 29", "28x28 images"]),
     }
 
 
@@ -412,6 +419,53 @@ def test_resume_with_a_checkpoint_that_is_not_cnnlab(tmp_path, capsys, existing_
     before = snapshot(run)
     rc, _, err = run_cli(capsys, "train", "--resume", run)
     assert_one_line_error(rc, err, "not a cnnlab checkpoint")
+    assert snapshot(run) == before
+
+
+CHECKPOINT_EDITS = {  # a cnnlab checkpoint with one field made wrong -> what the error names
+    "config": (lambda c: c.update(config="x"), "config is a str"),
+    "model_options": (lambda c: c.update(model_options=None), "model_options is a NoneType"),
+    "num_classes": (lambda c: c.update(num_classes="10"), "num_classes is a str"),
+    "state_dict": (lambda c: c.update(state_dict=5), "state_dict is a int"),
+    "dataset": (lambda c: c.update(dataset={}), "dataset shape None"),
+    "classes": (lambda c: c["dataset"].update(classes=["a"]), "do not name its 10 classes"),
+    "shape": (lambda c: c["dataset"].update(shape=[1, 28]), "dataset shape [1, 28]"),
+    "mean": (lambda c: c["dataset"].update(mean=[0.1, 0.2, 0.3]), "dataset mean"),
+}
+
+
+@pytest.mark.parametrize("field", CHECKPOINT_EDITS)
+def test_a_checkpoint_with_a_wrong_field_is_one_line_everywhere(tmp_path, capsys, existing_run, field):
+    edit, needle = CHECKPOINT_EDITS[field]
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run)
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, run / name)
+    before = snapshot(run)
+    for argv in (["train", "--resume", run], ["evaluate", run], ["export", run, "--out", tmp_path / "m.onnx"]):
+        rc, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(rc, err, "not a cnnlab checkpoint", needle)
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("name,content", [("metrics.jsonl", b'{"epoch": 1}\n\xff\xfe junk\n'),
+                                          ("metrics.jsonl", b"[1, 2]\n"), ("result.json", bytes(range(256))),
+                                          ("result.json", b"[1, 2]")])
+def test_a_damaged_json_file_of_a_run_is_one_line(tmp_path, capsys, existing_run, name, content):
+    """Not UTF-8, or JSON that is not the object cnnlab wrote: one line naming the file; the runs table
+    still lists the run."""
+    run = tmp_path / "runs" / "damaged"
+    shutil.copytree(existing_run, run)
+    (run / name).write_bytes(content)
+    before = snapshot(run)
+    commands = [["report", run]] + ([["compare", run, existing_run]] if name == "metrics.jsonl" else [])
+    for argv in commands:  # compare draws the curves, so it needs metrics.jsonl only
+        rc, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(rc, err, name, "damaged")
+    rc, out, err = run_cli(capsys, "runs", tmp_path / "runs")
+    assert rc == 0 and "damaged" in out, err
     assert snapshot(run) == before
 
 

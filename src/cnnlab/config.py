@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import datetime
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,10 +152,14 @@ def _check_type(where: str, value, default):
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise CnnlabError(f"{where} = {value!r}: expected an integer")
+        if not -2**63 <= value < 2**63:
+            raise CnnlabError(f"{where} = {value}: too large; expected an integer below 2**63")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CnnlabError(f"{where} = {value!r}: expected a number")
+        if not math.isfinite(value):
+            raise CnnlabError(f"{where} = {value!r}: expected a finite number")
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -248,6 +253,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.patience >= 0, f"train.patience = {cfg.train.patience}: must be >= 0"),
 
         (cfg.train.epochs >= 1, f"train.epochs = {cfg.train.epochs}: must be >= 1"),
+        (cfg.train.seed >= 0, f"train.seed = {cfg.train.seed}: must be >= 0"),
         (cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}: must be >= 1"),
         (cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}: must be >= 1"),
         (cfg.data.subset >= 0, f"data.subset = {cfg.data.subset}: must be >= 0"),

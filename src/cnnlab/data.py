@@ -17,9 +17,9 @@ The work is split by concern, lowest first: ``datasets`` (the registry and the i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from cnnlab import jsonfile
 from cnnlab.acquire import get_dataset
 from cnnlab.cache import data_root, load_cached, load_folder_cached
 from cnnlab.datasets import DATASETS, Dataset, Split, describe, split_validation, subset
@@ -60,10 +60,9 @@ def load_known(name: str, root: str | Path | None, acquire: bool, log) -> Datase
         if not acquire:
             raise CnnlabError(f"dataset '{name}' is not in {data_root(root)}: run `cnnlab data get {name}`")
         get_dataset(name, root=root, log=log)
-    try:
-        source = json.loads((folder / "source.json").read_text())
-    except json.JSONDecodeError:
-        raise CnnlabError(f"{folder / 'source.json'} is damaged: run `cnnlab data get {name}` again") from None
+    source = jsonfile.read_object(folder / "source.json", f"run `cnnlab data get {name}` again")
+    if not isinstance(source.get("source"), str) or not isinstance(source.get("verified"), bool):
+        raise CnnlabError(f"{folder / 'source.json'}: damaged (no source or verified); run `cnnlab data get {name}` again")
     ds = load_cached(name, folder / "raw", folder / "tensors.pt")
     # verified only if the acquired files were and the files read now still are
     ds.source, ds.verified = source["source"], source["verified"] and ds.verified

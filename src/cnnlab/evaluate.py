@@ -10,14 +10,13 @@ precision/recall/F1, the confusion matrix and the most-confused class pairs.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cnnlab import runs
+from cnnlab import jsonfile, runs
 from cnnlab.augment import Loader, translate
 from cnnlab.data import Dataset, Split, load_dataset
 from cnnlab.models import model_device
@@ -246,6 +245,6 @@ def read_eval(run_dir: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return jsonfile.read_object(path, "")
+    except CnnlabError:  # a damaged eval.json is as good as none: `cnnlab evaluate` writes it again
         return None

@@ -13,6 +13,7 @@ import io
 import math
 import pickle
 import tarfile
+import warnings
 import zlib
 from pathlib import Path
 
@@ -225,34 +226,76 @@ def cifar_files_from(path: Path, info: DatasetInfo) -> dict[str, bytes]:
     return {n: (folder / n).read_bytes() for n in wanted if (folder / n).is_file()}
 
 
-def read_image(path: Path) -> np.ndarray:
-    """One image file as uint8 [C, H, W]: grey images keep one channel, any other mode becomes RGB."""
-    from PIL import Image
+def open_image(path: Path, grey: bool | None = None):
+    """An image file as a Pillow image in mode "L" (grey) or "RGB", as a viewer shows it: upright per
+    its EXIF orientation, 16- and 32-bit grey scaled to 8 bits (not clipped at 255), alpha dropped.
+    ``grey``: True or False forces one mode; None keeps grey files grey and makes the others RGB.
+    Training data and ``cnnlab predict`` read files through this one function, so both see the same
+    pixels. Damaged or unreadable files raise a one-line ``CnnlabError``."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
-    except Exception as e:  # Pillow raises many types for damaged files (OSError, SyntaxError, DecompressionBombError...)
+        with warnings.catch_warnings():  # large but under Pillow's limit: read it without a warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = eight_bit(ImageOps.exif_transpose(im))
+                keep_grey = im.mode in ("1", "L", "LA") if grey is None else grey
+                return im.convert("L" if keep_grey else "RGB")
+    except UnidentifiedImageError:
+        raise CnnlabError(f"{path}: not an image (no format Pillow reads); expected a PNG, JPEG, BMP, GIF or "
+                          f"WebP file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # damaged or too large
         why = " ".join(str(e).split())[:160]
-        raise CnnlabError(f"{path}: cannot decode image ({type(e).__name__}: {why}); expected a valid image file") from None
-    arr = np.asarray(im)
+        raise CnnlabError(f"{path}: not a readable image ({type(e).__name__}: {why}); expected a valid PNG, "
+                          f"JPEG, BMP, GIF or WebP file") from None
+
+
+def eight_bit(im):
+    """A grey image of more than 8 bits as mode "L": 16-bit values (modes "I;16*", and "I", in which
+    Pillow opens 16-bit PNGs) scaled by 255 / 65535; float ("F") values in [0, 1] scaled by 255;
+    anything else clipped to 0..255. Other modes are returned as they are."""
+    from PIL import Image
+
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if im.mode == "F":
+        scale = 255.0 if 0 <= low and high <= 1 else 1.0
+    else:
+        scale = 1 / 257 if im.mode.startswith("I;16") or (0 <= low and high <= 65535) else 1.0
+    return Image.fromarray(np.clip(np.round(a * scale), 0, 255).astype(np.uint8))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 [C, H, W]: grey images keep one channel, any other mode becomes RGB."""
+    arr = np.asarray(open_image(path))
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    """``root/<class>/*.png`` (single tree) or ``root/train/<class>/`` + ``root/test/<class>/``."""
+    """``root/<class>/*.png`` (single tree) or ``root/train/<class>/`` + ``root/test/<class>/``.
+    Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are skipped."""
     if not root.is_dir():
         raise CnnlabError(f"{root}: not a directory; expected an image folder root/<class>/*.png")
     parts = {"train": root / "train", "test": root / "test"} if (root / "train").is_dir() else {"train": root}
-    classes = sorted(p.name for p in parts["train"].iterdir() if p.is_dir())
+    classes = class_folders(parts["train"])
     if not classes:
         raise CnnlabError(f"{parts['train']}: no class folders; expected {parts['train']}/<class>/*.png")
+    if len(classes) < 2:
+        raise CnnlabError(f"{parts['train']}: one class folder ({classes[0]}); a classifier needs at least 2, "
+                          f"expected {parts['train']}/<class>/ for each class")
+    if "test" in parts:
+        extra = sorted(set(class_folders(parts["test"])) - set(classes))
+        if extra:
+            raise CnnlabError(f"{parts['test'] / extra[0]}: class not in {parts['train']} (its classes: "
+                              f"{', '.join(classes)}); expected the same class folders in train/ and test/")
     out, shape = {}, None
     for part, folder in parts.items():
-        images, labels = [], []
+        images, labels, empty = [], [], []
         for label, cls in enumerate(classes):
-            files = sorted(f for f in (folder / cls).glob("*") if f.is_file()) if (folder / cls).is_dir() else []
+            files = sorted(f for f in (folder / cls).glob("*") if f.is_file() and not f.name.startswith(".")) \
+                if (folder / cls).is_dir() else []
             for f in files:
                 if f.suffix.lower() not in IMAGE_SUFFIXES:
                     raise CnnlabError(f"{f}: not an image file; expected only "
@@ -260,16 +303,33 @@ def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
                 arr = read_image(f)
                 if shape is None:
                     shape = arr.shape
+                if arr.shape[0] != shape[0]:
+                    raise CnnlabError(f"{f}: {_colour(arr.shape[0])} while the images before it are "
+                                      f"{_colour(shape[0])}; expected all grey or all colour images")
                 if arr.shape != shape:
-                    raise CnnlabError(f"{f}: size {arr.shape[1]}x{arr.shape[2]}x{arr.shape[0]} differs from "
-                                      f"{shape[1]}x{shape[2]}x{shape[0]}; expected all images the same size")
+                    raise CnnlabError(f"{f}: size {arr.shape[2]}x{arr.shape[1]} differs from {shape[2]}x{shape[1]}; "
+                                      f"expected all images the same size")
                 images.append(arr)
                 labels.append(label)
+            if not files:
+                empty.append(cls)
         if not images:
             raise CnnlabError(f"{folder}: no images in any class folder; expected {folder}/<class>/*.png")
+        if part == "train" and empty:
+            raise CnnlabError(f"{folder / empty[0]}: no images in this class folder; expected images in every "
+                              f"class folder of {folder} (add some, or remove the folder)")
         out[f"{part}_images"] = np.stack(images)
         out[f"{part}_labels"] = np.asarray(labels, dtype=np.int64)
     return out, classes
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The names of the class folders in ``folder``, sorted; hidden folders are not classes."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _colour(channels: int) -> str:
+    return "grey (1 channel)" if channels == 1 else f"colour ({channels} channels)"
 
 
 def to_dataset(name, arrays, classes, source, verified) -> Dataset:

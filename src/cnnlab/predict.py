@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cnnlab import __version__, evaluate, runs
 from cnnlab.augment import Loader
-from cnnlab.formats import IMAGE_SUFFIXES
+from cnnlab.formats import IMAGE_SUFFIXES, open_image
 from cnnlab.errors import CnnlabError
 from cnnlab.onnxfile import OrtModel
 
@@ -191,21 +191,8 @@ def fit(image, width: int, height: int):
 
 def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """A file as uint8 [C, H, W] for a model taking ``shape``: grey (C = 1) or RGB (C = 3), any size."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     channels, height, width = shape
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # photos taken sideways stand upright, as shown by viewers
-            if im.mode.startswith("I;16"):  # 16-bit grey: to 8 bits (converting would clip at 255)
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8))
-            im = im.convert("L" if channels == 1 else "RGB")
-    except UnidentifiedImageError:
-        raise CnnlabError(f"{path}: not an image (no format Pillow reads); expected a PNG, JPEG, BMP, GIF or "
-                          f"WebP file") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CnnlabError(f"{path}: not a readable image ({e}); expected a PNG, JPEG, BMP, GIF or WebP file") from None
-    pixels = np.array(fit(im, width, height))  # a copy torch may own
+    pixels = np.array(fit(open_image(path, grey=channels == 1), width, height))  # a copy torch may own
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 

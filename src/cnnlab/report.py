@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import tomllib
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from cnnlab import evaluate, gradcam, plots, runs
+from cnnlab import evaluate, gradcam, jsonfile, plots, runs
 from cnnlab.augment import denormalize, normalize
 from cnnlab.errors import CnnlabError
 from cnnlab.tables import format_table
@@ -141,7 +140,7 @@ def numbers(items: list[tuple[str, str]]) -> str:
 
 def _needs_evaluation(run_dir: Path) -> bool:
     ev = run_dir / "eval.json"
-    if not ev.is_file() or any(not (run_dir / p).is_file() for p in PICTURES[1:]):
+    if evaluate.read_eval(run_dir) is None or any(not (run_dir / p).is_file() for p in PICTURES[1:]):
         return True
     ckpt = run_dir / "best.pt"
     return ckpt.is_file() and ckpt.stat().st_mtime > ev.stat().st_mtime
@@ -255,8 +254,8 @@ def run_row(run_dir: Path) -> dict:
            "time_to_target": None, "date": ""}
     path = run_dir / "result.json"
     try:
-        r = json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
+        r = jsonfile.read_object(path, "") if path.is_file() else None
+    except CnnlabError:  # a damaged run still gets its row, from its config
         r = None
     if r is not None:
         row.update(model=r.get("model", "?"), dataset=r.get("dataset", "?"), params=r.get("params"),
@@ -266,7 +265,7 @@ def run_row(run_dir: Path) -> dict:
         try:
             cfg = tomllib.loads((run_dir / "config.toml").read_text())
             row.update(model=cfg.get("model", {}).get("name", "?"), dataset=cfg.get("data", {}).get("dataset", "?"))
-        except (OSError, tomllib.TOMLDecodeError):
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             pass
         row["date"] = "unfinished"
     return row

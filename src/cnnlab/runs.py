@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cnnlab import jsonfile
 from cnnlab.atomic import atomic_torch_save, atomic_write_bytes
 from cnnlab.errors import CnnlabError
 from cnnlab.models import build, source_changed
@@ -46,20 +47,14 @@ def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return []
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise CnnlabError(f"{path}: damaged line ({e}); re-run `cnnlab train` for this run") from None
+    return jsonfile.read_lines(path, "re-run `cnnlab train` for this run")
 
 
 def read_result(run: Path) -> dict:
     path = Path(run) / "result.json"
     if not path.is_file():
         raise CnnlabError(f"{run}: not a cnnlab run (no result.json); pass a directory made by `cnnlab train`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CnnlabError(f"{path}: damaged JSON ({e}); re-run `cnnlab train` for this run") from None
+    return jsonfile.read_object(path, "re-run `cnnlab train` for this run")
 
 
 def is_run(path: Path) -> bool:
@@ -124,16 +119,47 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
     path = run if run.is_file() else run / f"{which}.pt"
     if not run.exists():
         raise CnnlabError(f"{run}: no such run directory; list runs with `cnnlab runs`")
+    other = "last" if which == "best" else "best"
+    instead = f"use --checkpoint {other}, or " if not run.is_file() and (run / f"{other}.pt").is_file() else ""
     if not path.is_file():
-        raise CnnlabError(f"{run}: no checkpoint {path.name}; the run saved none (train it with `cnnlab train`)")
+        raise CnnlabError(f"{run}: no checkpoint {path.name}; {instead}train the run with `cnnlab train`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
     except Exception as e:  # torch raises many types for damaged files
-        raise CnnlabError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or re-run training") from None
-    missing = [k for k in ("model_name", "state_dict", *REBUILD_KEYS[1:]) if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CnnlabError(f"{path}: not a cnnlab checkpoint (no {missing[0]}); expected a file made by `cnnlab train`")
+        raise CnnlabError(f"{path}: damaged checkpoint ({type(e).__name__}); {instead}re-run training") from None
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise CnnlabError(f"{path}: not a cnnlab checkpoint ({problem}); expected a file made by `cnnlab train`")
     return ckpt
+
+
+# what each key that rebuilds a model must be, checked before anything is built from a file
+SCHEMA_TYPES = {"model_name": str, "state_dict": dict, "model_options": dict, "num_classes": int, "config": dict,
+                "dataset": dict}
+
+
+def checkpoint_problem(ckpt) -> str | None:
+    """What makes ``ckpt`` unusable as a checkpoint (a missing key, a wrong type, dataset facts that
+    do not fit the model), or None."""
+    if not isinstance(ckpt, dict):
+        return f"a {type(ckpt).__name__}, expected a dict"
+    for key, kind in SCHEMA_TYPES.items():
+        if key not in ckpt:
+            return f"no {key}"
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            return f"{key} is a {type(ckpt[key]).__name__}, expected {kind.__name__}"
+    facts, n = ckpt["dataset"], ckpt["num_classes"]
+    shape, classes = facts.get("shape"), facts.get("classes")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        return f"dataset shape {shape!r}, expected [channels, height, width]"
+    if not (isinstance(classes, list) and len(classes) == n and all(isinstance(c, str) for c in classes)):
+        return f"dataset classes {classes!r} do not name its {n} classes"
+    for key in ("mean", "std"):
+        values = facts.get(key)
+        if not (isinstance(values, list) and len(values) == shape[0]
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            return f"dataset {key} {values!r}, expected one number per channel"
+    return None
 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> torch.nn.Module:

@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from itertools import islice, product
 from pathlib import Path
 
-from cnnlab import config, evaluate, models, runs, train
+from cnnlab import config, evaluate, jsonfile, models, runs, train
 from cnnlab.errors import CnnlabError
 from cnnlab.summary import check_model, data_facts
 
@@ -638,10 +638,9 @@ def now() -> str:
 
 
 def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        raise CnnlabError(f"{path}: damaged JSON; delete it (the study itself is in the storage)") from None
+    if not path.is_file():
+        return None
+    return jsonfile.read_object(path, "delete it (the study itself is in the storage)")
 
 
 def trial_line(r: dict, done: int, total: int) -> str:

@@ -172,9 +172,12 @@ def load_data(cfg: Config, log=print) -> tuple[Config, Dataset]:
     cfg.data.dataset = dataset_ref(cfg.data.dataset)
     ds = subset(ds, cfg.data.subset)
     check_compatible(cfg, ds)
-    if cfg.data.crop_mode == "reflect" and cfg.data.crop_pad >= min(ds.shape[1:]):
-        raise CnnlabError(f"data.crop_pad = {cfg.data.crop_pad} with reflect padding must be smaller than the "
-                          f"{ds.shape[1]}x{ds.shape[2]} images; use e.g. crop_pad = 4")
+    if cfg.data.crop_pad >= min(ds.shape[1:]):
+        raise CnnlabError(f"data.crop_pad = {cfg.data.crop_pad} must be smaller than the {ds.shape[1]}x{ds.shape[2]} "
+                          f"images; use e.g. crop_pad = 4")
+    if cfg.data.cutout > max(ds.shape[1:]):
+        raise CnnlabError(f"data.cutout = {cfg.data.cutout} is larger than the {ds.shape[1]}x{ds.shape[2]} images; "
+                          f"use a square smaller than the image, e.g. cutout = 8")
     return cfg, ds
 
 
@@ -604,7 +607,8 @@ def _train(cfg, out, resume, overwrite, model, on_epoch, log, world: World) -> R
         say(f"resuming {out} at epoch {st.epoch + 1}")
     elif out is not None:
         clear_run_dir(out)
-    st.code.append({**runs.git_state(), "from_epoch": st.epoch + 1, "processes": world.size})
+    if st.epoch < s.cfg.train.epochs:  # a finished run resumed (to write its result again) runs no new code
+        st.code.append({**runs.git_state(), "from_epoch": st.epoch + 1, "processes": world.size})
     if out is not None:
         runs.write_text(out / "config.toml", config_mod.to_toml(s.cfg))
         runs.write_text(out / "summary.txt", s.summary_text + "\n")
