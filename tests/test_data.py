@@ -559,6 +559,14 @@ def _bad_folder(tmp_path, writers, what):
         (root / "a").mkdir(parents=True)
         (root / "b").mkdir()
         return root, [str(root), "no images", "expected"]
+    if what == "turned":  # the same stored size, but EXIF says one is shown turned by 90 degrees
+        for cls in ("cat", "emu"):
+            (root / cls).mkdir(parents=True)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(np.zeros((8, 9, 3), np.uint8)).save(root / "cat" / "photo.jpg")
+        Image.fromarray(np.zeros((8, 9, 3), np.uint8)).save(root / "emu" / "photo.jpg", exif=exif)
+        return root, ["emu/photo.jpg", "size 9x8 (after its EXIF rotation) differs from 8x9", "the same size"]
     fake = writers.write_image_folder(root, layout="split")
     if what == "non-image":
         bad = root / "train" / "dog" / "notes.txt"
@@ -585,14 +593,11 @@ def _bad_folder(tmp_path, writers, what):
             for part in ("train", "test"):
                 shutil.rmtree(root / part / cls)
         return root, [str(root / "train"), "one class folder (cat)", "at least 2"]
-    if what == "grey-among-colour":
-        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "train" / "emu" / "grey.png")
-        return root, ["grey.png", "grey (1 channel)", "colour (3 channels)", "expected all grey or all colour"]
     raise AssertionError(what, fake)
 
 
 @pytest.mark.parametrize("what", ["empty", "empty-classes", "non-image", "undecodable", "size", "not-a-dir-name",
-                                  "test-class-not-in-train", "empty-class", "one-class", "grey-among-colour"])
+                                  "test-class-not-in-train", "empty-class", "one-class", "turned"])
 def test_bad_image_folder(primed, writers, tmp_path, what):
     root, mn, _, snap = primed
     src, needles = _bad_folder(tmp_path, writers, what)
@@ -630,6 +635,28 @@ def test_image_folder_reads_deep_grey_like_predict_and_skips_hidden_files(primed
     assert (ds.test.images.numpy() == fake.images["test"]).all()
     f = fake.root / "test" / "emu" / "001.png"
     assert (predict_read(f, (1, 8, 8)) == ds.test.images[7].numpy()).all()
+
+
+def test_image_folder_with_one_colour_image_is_colour_and_its_cache_follows_the_reader(primed, writers, tmp_path,
+                                                                                        monkeypatch):
+    """A colour file among grey ones makes the dataset RGB (the greys get three equal channels); a
+    cache written by another version of the folder reader is read again, not trusted."""
+    from PIL import Image
+
+    root, *_ = primed
+    fake = writers.write_image_folder(tmp_path / "mixed", mode="L", layout="split")
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 0] = 255
+    Image.fromarray(colour).save(fake.root / "test" / "emu" / "001.png")
+    ds = load_dataset(str(fake.root), root=root, log=quiet)
+    assert ds.train.images.shape == (9, 3, 8, 8)
+    assert (ds.train.images.numpy() == np.repeat(fake.images["train"], 3, 1)).all()
+    assert ds.test.images[7].tolist() == colour.transpose(2, 0, 1).tolist()
+    monkeypatch.setattr(cache, "FOLDER_READER", "an older reader")
+    calls = []
+    monkeypatch.setattr(cache, "read_image_folder", lambda p: calls.append(p) or formats.read_image_folder(p))
+    load_dataset(str(fake.root), root=root, log=quiet)
+    assert calls == [fake.root.resolve()] or calls == [fake.root]
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[1, 2]", b"{}", b'{"source": 5, "verified": true}'])

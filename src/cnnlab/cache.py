@@ -60,10 +60,16 @@ def load_cached(name: str, raw: Path, cache: Path) -> Dataset:
     return cached(name, cache, fingerprint(files), lambda: read_raw(name, raw))
 
 
+# the version of formats.read_image_folder's decoding: a cache made by an older reader is rebuilt
+# (2: 16-bit grey scaled, EXIF rotation, hidden files skipped, one colour image makes all colour)
+FOLDER_READER = "image folder reader 2"
+
+
 def load_folder_cached(path: Path, root: Path) -> Dataset:
     """An image folder from its tensor cache, rebuilt when any file under it changes."""
-    files = sorted(f for f in path.rglob("*") if f.is_file())
-    fp = [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(
+        p.startswith(".") for p in f.relative_to(path).parts))  # hidden files are not read (.DS_Store)
+    fp = [FOLDER_READER] + [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     key = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:12]
 
     def build() -> Dataset:

@@ -153,12 +153,12 @@ def _check_type(where: str, value, default):
         if isinstance(value, bool) or not isinstance(value, int):
             raise CnnlabError(f"{where} = {value!r}: expected an integer")
         if not -2**63 <= value < 2**63:
-            raise CnnlabError(f"{where} = {value}: too large; expected an integer below 2**63")
+            raise CnnlabError(f"{where} = {value}: out of range; expected an integer within +-2**63")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CnnlabError(f"{where} = {value!r}: expected a number")
-        if not math.isfinite(value):
+        if isinstance(value, int) and abs(value) > 2**1000 or not math.isfinite(value):  # past float's range
             raise CnnlabError(f"{where} = {value!r}: expected a finite number")
         return float(value)
     if isinstance(default, str):
@@ -300,7 +300,7 @@ def read_toml(path: str | Path, what: str = "recipe", example: str = "recipes/mn
         raise CnnlabError(f"{what} {path}: no such file; pass a .toml {what} such as {example}")
     try:
         return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:  # ValueError: an integer of > 4300 digits
         raise CnnlabError(f"{what} {path}: not valid TOML ({e})") from None
     except RecursionError:  # tomllib reads nested arrays and tables recursively
         raise CnnlabError(f"{what} {path}: arrays or tables nested too deeply to read") from None
@@ -312,8 +312,8 @@ def apply_override(raw: dict, item: str) -> None:
     key, text = (s.strip() for s in item.split("=", 1))
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except (tomllib.TOMLDecodeError, RecursionError):
-        value = text  # a bare word is a string
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError):
+        value = text  # a bare word is a string (so is an integer too long to read, refused as one later)
     if "." in key:
         section, name = key.split(".", 1)
     else:

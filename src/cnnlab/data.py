@@ -62,7 +62,7 @@ def load_known(name: str, root: str | Path | None, acquire: bool, log) -> Datase
         get_dataset(name, root=root, log=log)
     source = jsonfile.read_object(folder / "source.json", f"run `cnnlab data get {name}` again")
     if not isinstance(source.get("source"), str) or not isinstance(source.get("verified"), bool):
-        raise CnnlabError(f"{folder / 'source.json'}: damaged (no source or verified); run `cnnlab data get {name}` again")
+        raise CnnlabError(f"{folder / 'source.json'}: damaged (source or verified missing or of the wrong type); run `cnnlab data get {name}` again")
     ds = load_cached(name, folder / "raw", folder / "tensors.pt")
     # verified only if the acquired files were and the files read now still are
     ds.source, ds.verified = source["source"], source["verified"] and ds.verified

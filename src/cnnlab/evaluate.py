@@ -245,6 +245,6 @@ def read_eval(run_dir: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return jsonfile.read_object(path, "")
+        return jsonfile.read_object(path)
     except CnnlabError:  # a damaged eval.json is as good as none: `cnnlab evaluate` writes it again
         return None

@@ -267,7 +267,7 @@ def eight_bit(im):
     return Image.fromarray(np.clip(np.round(a * scale), 0, 255).astype(np.uint8))
 
 
-def read_image(path: Path) -> np.ndarray:
+def image_array(path: Path) -> np.ndarray:
     """One image file as uint8 [C, H, W]: grey images keep one channel, any other mode becomes RGB."""
     arr = np.asarray(open_image(path))
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -275,7 +275,8 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """``root/<class>/*.png`` (single tree) or ``root/train/<class>/`` + ``root/test/<class>/``.
-    Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are skipped."""
+    Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are skipped; one colour image
+    makes the dataset colour (its grey images get three equal channels)."""
     if not root.is_dir():
         raise CnnlabError(f"{root}: not a directory; expected an image folder root/<class>/*.png")
     parts = {"train": root / "train", "test": root / "test"} if (root / "train").is_dir() else {"train": root}
@@ -290,46 +291,47 @@ def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         if extra:
             raise CnnlabError(f"{parts['test'] / extra[0]}: class not in {parts['train']} (its classes: "
                               f"{', '.join(classes)}); expected the same class folders in train/ and test/")
-    out, shape = {}, None
+    listed = {}  # part -> (files, labels)
     for part, folder in parts.items():
-        images, labels, empty = [], [], []
-        for label, cls in enumerate(classes):
-            files = sorted(f for f in (folder / cls).glob("*") if f.is_file() and not f.name.startswith(".")) \
-                if (folder / cls).is_dir() else []
-            for f in files:
-                if f.suffix.lower() not in IMAGE_SUFFIXES:
-                    raise CnnlabError(f"{f}: not an image file; expected only "
-                                      f"{', '.join(sorted(IMAGE_SUFFIXES))} files in class folders")
-                arr = read_image(f)
-                if shape is None:
-                    shape = arr.shape
-                if arr.shape[0] != shape[0]:
-                    raise CnnlabError(f"{f}: {_colour(arr.shape[0])} while the images before it are "
-                                      f"{_colour(shape[0])}; expected all grey or all colour images")
-                if arr.shape != shape:
-                    raise CnnlabError(f"{f}: size {arr.shape[2]}x{arr.shape[1]} differs from {shape[2]}x{shape[1]}; "
-                                      f"expected all images the same size")
-                images.append(arr)
-                labels.append(label)
-            if not files:
-                empty.append(cls)
-        if not images:
+        per_class = [image_files(folder / cls) for cls in classes]
+        files = [f for these in per_class for f in these]
+        if not files:
             raise CnnlabError(f"{folder}: no images in any class folder; expected {folder}/<class>/*.png")
+        empty = [cls for cls, these in zip(classes, per_class) if not these]
         if part == "train" and empty:
             raise CnnlabError(f"{folder / empty[0]}: no images in this class folder; expected images in every "
                               f"class folder of {folder} (add some, or remove the folder)")
+        listed[part] = files, [label for label, these in enumerate(per_class) for _ in these]
+    arrays = {part: [image_array(f) for f in files] for part, (files, _) in listed.items()}
+    channels = max(a.shape[0] for images in arrays.values() for a in images)
+    out, size = {}, None
+    for part, (files, labels) in listed.items():
+        images = [np.repeat(a, channels, 0) if a.shape[0] < channels else a for a in arrays[part]]
+        for f, a in zip(files, images):
+            size = size or a.shape[1:]
+            if a.shape[1:] != size:
+                turned = " (after its EXIF rotation)" if a.shape[1:] == size[::-1] else ""
+                raise CnnlabError(f"{f}: size {a.shape[1]}x{a.shape[2]}{turned} differs from {size[0]}x{size[1]}; "
+                                  f"expected all images the same size")
         out[f"{part}_images"] = np.stack(images)
         out[f"{part}_labels"] = np.asarray(labels, dtype=np.int64)
     return out, classes
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files of a class folder, sorted (none if it is missing); hidden files are skipped,
+    any other file that is not an image is an error."""
+    files = sorted(f for f in folder.glob("*") if f.is_file() and not f.name.startswith(".")) if folder.is_dir() else []
+    for f in files:
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            raise CnnlabError(f"{f}: not an image file; expected only {', '.join(sorted(IMAGE_SUFFIXES))} files "
+                              f"in class folders")
+    return files
+
+
 def class_folders(folder: Path) -> list[str]:
     """The names of the class folders in ``folder``, sorted; hidden folders are not classes."""
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _colour(channels: int) -> str:
-    return "grey (1 channel)" if channels == 1 else f"colour ({channels} channels)"
 
 
 def to_dataset(name, arrays, classes, source, verified) -> Dataset:

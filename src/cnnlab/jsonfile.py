@@ -10,29 +10,26 @@ from pathlib import Path
 from cnnlab.errors import CnnlabError
 
 
-def read_object(path: Path, fix: str) -> dict:
+def read_object(path: Path, fix: str = "") -> dict:
     """The JSON object in ``path``; ``fix`` (e.g. "re-run `cnnlab train` for this run") ends the error."""
-    return _check(_parse(path, Path(path).read_bytes(), fix), path, fix)
+    return _parse(str(path), Path(path).read_bytes(), fix)
 
 
-def read_lines(path: Path, fix: str) -> list[dict]:
+def read_lines(path: Path, fix: str = "") -> list[dict]:
     """One JSON object per non-blank line of ``path`` (JSON Lines)."""
     lines = Path(path).read_bytes().splitlines()
-    return [_check(_parse(path, line, fix, n), path, fix, n) for n, line in enumerate(lines, 1) if line.strip()]
+    return [_parse(f"{path} line {n}", line, fix) for n, line in enumerate(lines, 1) if line.strip()]
 
 
-def _parse(path: Path, data: bytes, fix: str, line: int | None = None):
-    where = f"{path}" + (f" line {line}" if line else "")
+def _parse(where: str, data: bytes, fix: str) -> dict:
     try:
-        return json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise CnnlabError(f"{where}: damaged (not UTF-8 text); {fix}") from None
     except json.JSONDecodeError as e:
         raise CnnlabError(f"{where}: damaged JSON ({e}); {fix}") from None
-
-
-def _check(value, path: Path, fix: str, line: int | None = None) -> dict:
+    except RecursionError:  # arrays nested thousands deep
+        raise CnnlabError(f"{where}: damaged JSON (nested too deeply); {fix}") from None
     if not isinstance(value, dict):
-        where = f"{path}" + (f" line {line}" if line else "")
         raise CnnlabError(f"{where}: damaged (a JSON {type(value).__name__}, expected an object); {fix}")
     return value

@@ -254,7 +254,7 @@ def run_row(run_dir: Path) -> dict:
            "time_to_target": None, "date": ""}
     path = run_dir / "result.json"
     try:
-        r = jsonfile.read_object(path, "") if path.is_file() else None
+        r = jsonfile.read_object(path) if path.is_file() else None
     except CnnlabError:  # a damaged run still gets its row, from its config
         r = None
     if r is not None:

@@ -62,8 +62,9 @@ def is_run(path: Path) -> bool:
     return (path / "config.toml").is_file() and ((path / "result.json").is_file() or (path / "last.pt").is_file())
 
 
-# The checkpoint schema, one place: what rebuilds the model, then what continues training exactly.
-REBUILD_KEYS = ("model_name", "model_options", "num_classes", "config", "dataset")
+# The checkpoint schema, one place: what rebuilds the model (with the type each must have, checked
+# when a file is loaded), then what continues training exactly.
+REBUILD_KEYS = {"model_name": str, "model_options": dict, "num_classes": int, "config": dict, "dataset": dict}
 RESUME_KEYS = ("epoch", "state_dict", "optimizer", "ema_state_dict", "lookahead", "rng", "scaler", "history", "state")
 
 
@@ -119,8 +120,8 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
     path = run if run.is_file() else run / f"{which}.pt"
     if not run.exists():
         raise CnnlabError(f"{run}: no such run directory; list runs with `cnnlab runs`")
-    other = "last" if which == "best" else "best"
-    instead = f"use --checkpoint {other}, or " if not run.is_file() and (run / f"{other}.pt").is_file() else ""
+    instead = ("last.pt is there (evaluate, predict and export take --checkpoint last), or "
+               if which == "best" and (run / "last.pt").is_file() else "")
     if not path.is_file():
         raise CnnlabError(f"{run}: no checkpoint {path.name}; {instead}train the run with `cnnlab train`")
     try:
@@ -133,17 +134,13 @@ def load_checkpoint(run: Path, which: str = "last") -> dict:
     return ckpt
 
 
-# what each key that rebuilds a model must be, checked before anything is built from a file
-SCHEMA_TYPES = {"model_name": str, "state_dict": dict, "model_options": dict, "num_classes": int, "config": dict,
-                "dataset": dict}
-
 
 def checkpoint_problem(ckpt) -> str | None:
     """What makes ``ckpt`` unusable as a checkpoint (a missing key, a wrong type, dataset facts that
     do not fit the model), or None."""
     if not isinstance(ckpt, dict):
         return f"a {type(ckpt).__name__}, expected a dict"
-    for key, kind in SCHEMA_TYPES.items():
+    for key, kind in {**REBUILD_KEYS, "state_dict": dict}.items():
         if key not in ckpt:
             return f"no {key}"
         if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):

@@ -9,11 +9,10 @@ test only for the one ``--final`` evaluation.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 
-from cnnlab import plots, runs
+from cnnlab import jsonfile, plots, runs
 from cnnlab.errors import CnnlabError
 from cnnlab.report import CSS, _esc, _pct, image_tag, numbers, table
 
@@ -26,8 +25,8 @@ def is_search_dir(path: str | Path) -> bool:
 
 def read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return jsonfile.read_object(path, "rerun the search command to rewrite it")
+    except OSError as e:
         raise CnnlabError(f"{path}: unreadable ({type(e).__name__}); rerun the search command to rewrite it") from None
 
 
