@@ -399,6 +399,10 @@ def test_resume_of_an_empty_or_missing_directory(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "nowhere")
     assert_one_line_error(rc, err, "no such run directory")
     assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "digit.png").write_bytes(b"\x89PNG")
+    for argv in (["evaluate", tmp_path / "digit.png"], ["predict", tmp_path / "digit.png", tmp_path / "digit.png"]):
+        rc, _, err = run_cli(capsys, *argv)  # a file where a run directory belongs
+        assert_one_line_error(rc, err, "digit.png: a file, not a run directory")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage" * 10])

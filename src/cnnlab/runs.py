@@ -23,6 +23,8 @@ from cnnlab.models import build, source_changed
 def existing_run(run_dir) -> Path:
     """``run_dir`` as a Path, after checking it is a run directory made by ``cnnlab train``."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise CnnlabError(f"{run_dir}: a file, not a run directory; pass a directory made by `cnnlab train`")
     if not run_dir.is_dir():
         raise CnnlabError(f"{run_dir}: no such run directory; list runs with `cnnlab runs`")
     if not (run_dir / "config.toml").is_file():
