@@ -566,7 +566,7 @@ def _bad_folder(tmp_path, writers, what):
         exif[0x0112] = 6
         Image.fromarray(np.zeros((8, 9, 3), np.uint8)).save(root / "cat" / "photo.jpg")
         Image.fromarray(np.zeros((8, 9, 3), np.uint8)).save(root / "emu" / "photo.jpg", exif=exif)
-        return root, ["emu/photo.jpg", "size 9x8 (after its EXIF rotation) differs from 8x9", "the same size"]
+        return root, ["emu/photo.jpg", "size 9x8 (as shown, after any EXIF rotation) differs from 8x9", "the same size"]
     fake = writers.write_image_folder(root, layout="split")
     if what == "non-image":
         bad = root / "train" / "dog" / "notes.txt"

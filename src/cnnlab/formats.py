@@ -310,7 +310,7 @@ def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         for f, a in zip(files, images):
             size = size or a.shape[1:]
             if a.shape[1:] != size:
-                turned = " (after its EXIF rotation)" if a.shape[1:] == size[::-1] else ""
+                turned = " (as shown, after any EXIF rotation)" if a.shape[1:] == size[::-1] else ""
                 raise CnnlabError(f"{f}: size {a.shape[1]}x{a.shape[2]}{turned} differs from {size[0]}x{size[1]}; "
                                   f"expected all images the same size")
         out[f"{part}_images"] = np.stack(images)
