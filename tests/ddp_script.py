@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab import distributed
 from cnnlab.config import load_recipe
 from cnnlab.train import StopRun, train
 
@@ -52,3 +53,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if distributed.world_from_env().size > 1:  # under torchrun: end as cnnlab's own workers do
+        distributed.end_worker(0)

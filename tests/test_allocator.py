@@ -47,3 +47,39 @@ def test_training_setup_keeps_freed_memory(monkeypatch):
     with pytest.raises(CnnlabError, match="nonsense"):
         train.setup(cfg)
     assert calls == [1]
+
+
+GIVE_BACK = """
+import os, sys
+import torch
+from cnnlab import allocator
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+assert allocator.keep_freed_memory()
+base = rss()
+blocks = [torch.ones(8 * 2**20, dtype=torch.uint8) for _ in range(16)]  # 128 MiB, touched
+del blocks
+kept = rss()
+allocator.give_back_freed_memory()
+print(kept - base, rss() - base)
+"""
+
+
+@pytest.mark.skipif(allocator.glibc() is None, reason="malloc is glibc's only on Linux with glibc")
+def test_freed_memory_is_kept_until_given_back():
+    """Between epochs training gives the heap's free pages back: resident memory then follows what the
+    process holds, not its peak."""
+    out = subprocess.run([sys.executable, "-c", GIVE_BACK], capture_output=True, text=True, check=True)
+    kept, after = map(int, out.stdout.split())
+    assert kept > 120 * 2**20  # freed but still resident (keep_freed_memory)
+    assert after < 8 * 2**20  # handed back to the kernel
+
+
+def test_each_saved_epoch_gives_freed_memory_back(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(allocator, "give_back_freed_memory", lambda: calls.append(1))
+    cfg = Config()
+    cfg.model.name = "mnist_tiny"
+    cfg.data.subset, cfg.data.val_split, cfg.train.epochs, cfg.train.quiet = 256, 128, 2, True
+    train.train(cfg, tmp_path / "run")
+    assert calls == [1, 1]

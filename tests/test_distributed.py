@@ -264,6 +264,16 @@ def test_the_launcher_names_the_process_that_ended_the_job(tmp_path):
         distributed.failure({0: process_failure(distributed.LOST_EXIT), 1: process_failure(1, error_file=rank1)})
 
 
+def test_a_worker_ends_with_its_exit_code_and_its_output_flushed():
+    """``end_worker`` skips Python's shutdown (os._exit): output still in the buffers must come out
+    first (a pipe's stdout is block-buffered), and the exit code is the one given."""
+    code = ("import sys; from cnnlab import distributed; print('table', end=''); "
+            "print('last line', file=sys.stderr, end=''); distributed.end_worker(3)")
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "table", "last line")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -2,7 +2,11 @@
 
 import sys
 
+from cnnlab import distributed
 from cnnlab.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if distributed.world_from_env().size > 1:  # a worker of a torchrun job
+        distributed.end_worker(code)
+    sys.exit(code)

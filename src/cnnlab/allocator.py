@@ -11,7 +11,15 @@ that was ~1,500-1,950 page faults and 3-6 ms of kernel time per `mnist_tiny` ste
 ``keep_freed_memory`` sets ``M_MMAP_MAX = 0`` (blocks come from malloc's heaps, not from their own
 mmap) and ``M_TRIM_THRESHOLD`` to its largest value (the heaps are not trimmed). What that costs:
 the setting is process-wide (malloc has one configuration) and a process keeps its peak footprint,
-and freed holes inside the heap, until it exits (a ResNet run: 1.8-2.4 GB resident against 1.4).
+and the free holes inside its heap, until it trims (a ResNet run: 1.8-2.4 GB resident against 1.4).
+
+``give_back_freed_memory`` trims (``malloc_trim``: every free page goes back to the kernel), and
+training calls it once each epoch is saved. Untrimmed, a 50-epoch ``mnist_tiny`` run on 256 images
+held 158 MiB and was resident at 448-460 MiB after epoch 1, then 471-494 MiB: at a random epoch
+(as late as the 13th) a block fitted none of the holes and the heap grew. Trimmed after each epoch,
+it was resident at 374 MiB in every epoch of three runs. A trim took 4-18 ms there, and the next
+step faults its pages in once.
+
 glibc still maps a block of its own where a heap cannot hold it (beyond a thread heap's 64 MiB, or
 when the main heap cannot grow), so large requests do not fail. Other C libraries (macOS, musl)
 and a preloaded jemalloc or tcmalloc keep their own policy.
@@ -43,3 +51,11 @@ def keep_freed_memory() -> bool:
     library is not glibc, which keeps its own policy."""
     libc = glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, INT_MAX))
+
+
+def give_back_freed_memory() -> None:
+    """Return the free pages of glibc's heaps to the kernel (no-op on other C libraries): between
+    epochs, so resident memory follows what the process holds rather than its peak and holes."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

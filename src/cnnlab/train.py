@@ -557,6 +557,7 @@ def run_epoch(out: Path | None, s: Setup, st: RunState, epoch: int, say) -> None
     row["wall_seconds"] = st.wall_seconds = wall0 + time.perf_counter() - t0
     improved, hit = record(s, st, row)
     save_epoch(out, s, st, improved)
+    allocator.give_back_freed_memory()  # the next epoch faults its pages in once; nothing piles up
     st.wall_seconds = wall0 + time.perf_counter() - t0  # the save counts toward the next epoch's wall time
     say(table_row(row, s.split) + ("  <- target" if hit else ""))
 
