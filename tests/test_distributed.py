@@ -43,8 +43,8 @@ def sets(*items: str) -> list[str]:
     return [a for s in items for a in ("--set", s)]
 
 
-def run(*argv, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, env=ENV,
+def run(*argv, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, env=env or ENV,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -126,11 +126,14 @@ def test_batchnorm_net_on_two_processes_follows_the_one_process_loss_curve(tmp_p
     the test allows 0.03, well under the seed-to-seed spread, and asks the same accuracy to within
     3 points on the 1,000 validation images (two runs whose paths drift apart: 2.2 points was seen
     once, after the BatchNorm kernel changed the rounding of both)."""
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, temp = tmp_path / "one", tmp_path / "two", tmp_path / "temp"
+    temp.mkdir()
     for proc in (run("-m", "cnnlab", "train", FAST, "--out", one, *sets(*SMALL)),
-                 run("-m", "cnnlab", "train", FAST, "--out", two, "--nproc", 2, *sets(*SMALL))):
+                 run("-m", "cnnlab", "train", FAST, "--out", two, "--nproc", 2, *sets(*SMALL),
+                     env={**ENV, "TMPDIR": str(temp)})):
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr == ""  # nothing from torchrun or the other process
+    assert list(temp.glob("cnnlab-workers-*")) == []  # the other process's log folder, deleted after success
     assert curve(two, "train_loss") == pytest.approx(curve(one, "train_loss"), abs=0.03)
     assert abs(curve(two, "val_acc")[-1] - curve(one, "val_acc")[-1]) <= 0.03
     assert curve(two, "train_loss") != curve(one, "train_loss")  # not the same run by accident
@@ -237,31 +240,41 @@ def test_ctrl_c_stops_every_process_and_two_processes_resume(tmp_path):
     assert [c["processes"] for c in result["code"]] == [2, 2]
 
 
-def process_failure(exitcode: int, timestamp: int = 100, error_file: str = "", pid: int = 4242):
+def process_failure(exitcode: int, timestamp: int = 100, pid: int = 4242):
     """A stand-in for torchrun's ProcessFailure: what the launcher reads of one."""
-    return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, error_file=error_file, pid=pid,
+    return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, pid=pid,
                            signal_name=lambda: signal.Signals(-exitcode).name)
 
 
 def test_the_launcher_names_the_process_that_ended_the_job(tmp_path):
     """torchrun lists every failed process, those it stopped after the first too, with timestamps in
-    whole seconds: the one killed by a signal, or failing by itself, is named, not one that lost it."""
+    whole seconds: the one killed by a signal, or failing by itself, is named, not one that lost it;
+    with the last line it wrote, from the log folder torchrun was given (LOGS/RUN/attempt_N/RANK)."""
     killed = process_failure(-9, pid=7)
     for failures in ({0: process_failure(distributed.LOST_EXIT), 1: killed},  # rank 0 saw it first
                      {1: killed, 0: process_failure(130, timestamp=101)},  # rank 0 stopped by torchrun after
                      {1: killed, 0: process_failure(-15)}):
-        with pytest.raises(distributed.JobFailed, match=r"^process rank 1 \(pid 7\) was killed by SIGKILL"):
-            distributed.failure(failures)
-    assert distributed.failure({0: process_failure(2), 1: process_failure(-15)}) == 2  # rank 0 said why
-    assert distributed.failure({1: process_failure(2), 0: process_failure(2)}) == 2
-    (tmp_path / "1").mkdir()
-    (tmp_path / "1" / "stderr.log").write_text("loading\nerror: data.root /x: no such folder; fix it\n")
-    rank1 = str(tmp_path / "1" / "error.json")
+        with pytest.raises(distributed.JobFailed, match=r"^process rank 1 \(pid 7\) was killed by SIGKILL; every"):
+            distributed.failure(failures, tmp_path)
+    assert distributed.failure({0: process_failure(2), 1: process_failure(-15)}, tmp_path) == 2  # rank 0 said why
+    assert distributed.failure({1: process_failure(2), 0: process_failure(2)}, tmp_path) == 2
+    rank1 = tmp_path / "5f2c_run" / "attempt_0" / "1" / "stderr.log"
+    rank1.parent.mkdir(parents=True)
+    rank1.write_text("loading\nerror: data.root /x: no such folder; fix it\n")
     with pytest.raises(CnnlabError, match=r"^data.root /x: no such folder; fix it$"):
-        distributed.failure({1: process_failure(2, error_file=rank1), 0: process_failure(130)})
-    (tmp_path / "1" / "stderr.log").write_text("Traceback (most recent call last):\nZeroDivisionError\n")
-    with pytest.raises(distributed.JobFailed, match=r"rank 1 .* exited with code 1 \(its output: .*stderr.log\)"):
-        distributed.failure({0: process_failure(distributed.LOST_EXIT), 1: process_failure(1, error_file=rank1)})
+        distributed.failure({1: process_failure(2), 0: process_failure(130)}, tmp_path)
+    rank1.write_text("Traceback (most recent call last):\nZeroDivisionError\n")
+    with pytest.raises(distributed.JobFailed, match=r"rank 1 .* exited with code 1; its last line: "
+                                                    r"'ZeroDivisionError' \(all of it: .*/1/stderr.log\)"):
+        distributed.failure({0: process_failure(distributed.LOST_EXIT), 1: process_failure(1)}, tmp_path)
+    rank1.write_text("terminate called without an active exception\n")
+    with pytest.raises(distributed.JobFailed, match=r"killed by SIGABRT; its last line: 'terminate called") as e:
+        distributed.failure({1: process_failure(-6), 0: process_failure(-15)}, tmp_path)
+    assert e.value.output == rank1  # the launcher keeps the folder of a file it names
+    rank1.write_text("")
+    with pytest.raises(distributed.JobFailed, match=r"killed by SIGABRT; every process") as e:
+        distributed.failure({1: process_failure(-6), 0: process_failure(-15)}, tmp_path)
+    assert e.value.output is None
 
 
 def test_a_worker_ends_with_its_exit_code_and_its_output_flushed():

@@ -14,7 +14,7 @@ the setting is process-wide (malloc has one configuration) and a process keeps i
 and the free holes inside its heap, until it trims (a ResNet run: 1.8-2.4 GB resident against 1.4).
 
 ``give_back_freed_memory`` trims (``malloc_trim``: every free page goes back to the kernel), and
-training calls it once each epoch is saved. Untrimmed, a 50-epoch ``mnist_tiny`` run on 256 images
+training calls it once each epoch is evaluated, before its checkpoint is written. Untrimmed, a 50-epoch ``mnist_tiny`` run on 256 images
 held 158 MiB and was resident at 448-460 MiB after epoch 1, then 471-494 MiB: at a random epoch
 (as late as the 13th) a block fitted none of the holes and the heap grew. Trimmed after each epoch,
 it was resident at 374 MiB in every epoch of three runs. A trim took 4-18 ms there, and the next

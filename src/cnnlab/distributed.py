@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -262,7 +264,12 @@ def report_peer_lost() -> bool:
 
 
 class JobFailed(Exception):
-    """A process of the job died or failed; the message names its rank and how it ended."""
+    """A process of the job died or failed; the message names its rank and how it ended, and
+    ``output`` the file that holds what it wrote (None: nothing, or rank 0's, on the console)."""
+
+    def __init__(self, message: str, output: Path | None = None):
+        super().__init__(message)
+        self.output = output
 
 
 def check_launch(cfg, nproc: int, backend: str, port: int | None) -> None:
@@ -288,31 +295,43 @@ def check_launch(cfg, nproc: int, backend: str, port: int | None) -> None:
                               f"--master-port out (a free port is chosen)") from None
 
 
-def torchrun_argv(nproc: int, worker_args: list[str], port: int | None = None) -> list[str]:
+def torchrun_argv(nproc: int, worker_args: list[str], port: int | None = None, logs: Path | None = None) -> list[str]:
     """torchrun's arguments for ``python -m cnnlab WORKER_ARGS`` in ``nproc`` processes: no restarts,
-    rank 0's output on the console, the others' in torchrun's log folder."""
+    rank 0's output on the console, the others' in the folder ``logs`` (torchrun's own if None)."""
     rendezvous = (["--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}"] if port else ["--standalone"])
-    logs = ["--redirects", ",".join(f"{r}:3" for r in range(1, nproc))] if nproc > 1 else []
-    return ["--nproc-per-node", str(nproc), *rendezvous, "--max-restarts", "0", *logs, "-m", "cnnlab", *worker_args]
+    redirects = ["--redirects", ",".join(f"{r}:3" for r in range(1, nproc))] if nproc > 1 else []
+    log_dir = ["--log-dir", str(logs)] if logs is not None else []
+    return ["--nproc-per-node", str(nproc), *rendezvous, "--max-restarts", "0", *redirects, *log_dir,
+            "-m", "cnnlab", *worker_args]
 
 
 def launch(nproc: int, worker_args: list[str], port: int | None = None) -> int:
     """Run ``python -m cnnlab WORKER_ARGS`` in ``nproc`` processes through torchrun and wait for them.
     Returns 0, or a worker's own exit code when rank 0 said why (2 bad input, 130 interrupted);
-    raises JobFailed when a process died or failed otherwise (the others are stopped at once)."""
+    raises JobFailed when a process died or failed otherwise (the others are stopped at once).
+    The other ranks' output goes to a temporary folder, deleted unless a JobFailed names a file in it."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = torchrun.parse_args(torchrun_argv(nproc, worker_args, port))
-    with worker_env({LAUNCHER_ENV: "1"}), quiet_torchrun():
-        try:
-            torchrun.run(args)
-        except ChildFailedError as e:
-            return failure(e.failures)
-        except SignalException:  # Ctrl-C or SIGTERM: torchrun passed it on to the workers
-            return 130
-    return 0
+    logs = Path(tempfile.mkdtemp(prefix="cnnlab-workers-"))
+    args = torchrun.parse_args(torchrun_argv(nproc, worker_args, port, logs))
+    keep = False
+    try:
+        with worker_env({LAUNCHER_ENV: "1"}), quiet_torchrun():
+            try:
+                torchrun.run(args)
+            except ChildFailedError as e:
+                return failure(e.failures, logs)
+            except SignalException:  # Ctrl-C or SIGTERM: torchrun passed it on to the workers
+                return 130
+        return 0
+    except JobFailed as e:
+        keep = e.output is not None
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(logs, ignore_errors=True)
 
 
 def root_cause(failures: dict) -> tuple[int, object]:
@@ -329,20 +348,28 @@ def root_cause(failures: dict) -> tuple[int, object]:
     return min(failures.items(), key=order)
 
 
-def failure(failures: dict) -> int:
+def failure(failures: dict, logs: Path) -> int:
     """The exit code of a failed job: rank 0's own when it printed why (2 bad input, 130 interrupted);
-    another rank's bad input raised as a CnnlabError with its line; JobFailed for anything else."""
+    another rank's bad input raised as a CnnlabError with its line; JobFailed for anything else, with
+    the last line the process wrote and where the rest is (``logs``: the launcher's log folder)."""
     rank, f = root_cause(failures)
     if f.exitcode in (2, 130) and (rank == 0 or getattr(failures.get(0), "exitcode", None) == f.exitcode):
         return f.exitcode
-    log = Path(f.error_file or "").parent / "stderr.log"  # where torchrun put a rank > 0's output
-    lines = log.read_text(errors="replace").strip().splitlines() if rank and log.is_file() else []
+    log = worker_log(logs, rank)
+    lines = log.read_text(errors="replace").strip().splitlines() if log is not None else []
     if f.exitcode == 2 and lines and lines[-1].startswith("error: "):
         raise CnnlabError(lines[-1].removeprefix("error: "))
     how = (f"was killed by {f.signal_name()}" if f.exitcode < 0 else
            "was interrupted (SIGTERM or Ctrl-C)" if f.exitcode == 130 else f"exited with code {f.exitcode}")
-    where = f" (its output: {log})" if lines else ""
-    raise JobFailed(f"process rank {rank} (pid {f.pid}) {how}{where}; every process of the job stopped")
+    said = f"; its last line: {lines[-1].strip()[:200]!r} (all of it: {log})" if lines else ""
+    raise JobFailed(f"process rank {rank} (pid {f.pid}) {how}{said}; every process of the job stopped",
+                    log if lines else None)
+
+
+def worker_log(logs: Path, rank: int) -> Path | None:
+    """Where torchrun put the stderr of rank ``rank`` (> 0) of a one-machine job: LOGS/RUN/attempt_N/RANK."""
+    found = sorted(logs.glob(f"*/attempt_*/{rank}/stderr.log")) if rank else []
+    return found[-1] if found else None
 
 
 @contextlib.contextmanager

@@ -556,8 +556,8 @@ def run_epoch(out: Path | None, s: Setup, st: RunState, epoch: int, say) -> None
     evaluate_epoch(s, row)
     row["wall_seconds"] = st.wall_seconds = wall0 + time.perf_counter() - t0
     improved, hit = record(s, st, row)
-    save_epoch(out, s, st, improved)
     allocator.give_back_freed_memory()  # the next epoch faults its pages in once; nothing piles up
+    save_epoch(out, s, st, improved)  # the last slow thing before the caller notes what last.pt holds
     st.wall_seconds = wall0 + time.perf_counter() - t0  # the save counts toward the next epoch's wall time
     say(table_row(row, s.split) + ("  <- target" if hit else ""))
 
