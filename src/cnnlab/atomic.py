@@ -51,6 +51,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def check_writable(path: Path, flag: str = "--out") -> Path:
+    """Before any work: ``path`` can be written (its folder exists and takes files; it is not a folder)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise CnnlabError(f"{flag} {path}: a directory; give a file name inside it")
+    if not folder.is_dir():
+        raise CnnlabError(f"{flag} {path}: the folder {folder} does not exist; create it first (mkdir -p {folder})")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CnnlabError(f"{flag} {path}: the folder {folder} is not writable; choose another place")
+    return path
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)

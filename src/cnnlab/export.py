@@ -30,7 +30,7 @@ import torch
 
 from cnnlab import evaluate, runs
 from cnnlab.augment import Loader
-from cnnlab.atomic import atomic_write_bytes
+from cnnlab.atomic import atomic_write_bytes, check_writable
 from cnnlab.data import Split
 from cnnlab.errors import CnnlabError
 from cnnlab.onnxfile import OrtModel, require
@@ -163,6 +163,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: s
     out = Path(out) if out else run_dir / "model.onnx"
     if out.suffix != ".onnx":
         raise CnnlabError(f"--out {out}: expected a file name ending in .onnx")
+    check_writable(out)
     ckpt, model = evaluate.load_run_model(run_dir, checkpoint)
     prep = run_preprocessing(ckpt)
     split, split_name = evaluate.load_eval_split(ckpt)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from cnnlab import __version__, evaluate, runs
 from cnnlab.augment import Loader
+from cnnlab.atomic import check_writable
 from cnnlab.formats import IMAGE_SUFFIXES, open_image
 from cnnlab.errors import CnnlabError
 from cnnlab.onnxfile import OrtModel
@@ -241,7 +242,7 @@ def check_output(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in OUTPUT_FORMATS:
         raise CnnlabError(f"--out {path}: expected a .csv or .json file name")
-    return path
+    return check_writable(path)
 
 
 def write_predictions(path: str | Path, preds: Predictions, source: str) -> Path:
