@@ -324,10 +324,11 @@ def test_run_without_checkpoint_and_bad_files(mnist_run, mnist_images, work):
     assert_one_line_error(rc, err, "expected a .csv or .json")
     rc, _, err = run_cli("export", mnist_run, "--out", work / "model.bin")
     assert_one_line_error(rc, err, "ending in .onnx")
+    (work / "a_file").write_text("")
     for command, name in (("predict", "pred.json"), ("export", "model.onnx")):  # checked before any work
         rc, out, err = run_cli(command, mnist_run, *([images] if command == "predict" else []),
-                               "--out", work / "missing" / name)
-        assert_one_line_error(rc, err, f"the folder {work / 'missing'} does not exist", "mkdir -p")
+                               "--out", work / "a_file" / "sub" / name)
+        assert_one_line_error(rc, err, f"{work / 'a_file'} is a file, not a folder")
         assert out == ""
         (work / name).mkdir(exist_ok=True)
         rc, _, err = run_cli(command, mnist_run, *([images] if command == "predict" else []), "--out", work / name)

@@ -52,15 +52,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def check_writable(path: Path, flag: str = "--out") -> Path:
-    """Before any work: ``path`` can be written (its folder exists and takes files; it is not a folder)."""
+    """Before any work: ``path`` can be written by ``atomic_write_bytes``, which makes its missing
+    folders: it is not a folder, and the nearest folder above it that exists is a writable folder."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise CnnlabError(f"{flag} {path}: a directory; give a file name inside it")
-    if not folder.is_dir():
-        raise CnnlabError(f"{flag} {path}: the folder {folder} does not exist; create it first (mkdir -p {folder})")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CnnlabError(f"{flag} {path}: the folder {folder} is not writable; choose another place")
+    above = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == Path(p.anchor or "."))
+    if not above.is_dir():
+        raise CnnlabError(f"{flag} {path}: {above} is a file, not a folder; choose another place")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise CnnlabError(f"{flag} {path}: the folder {above} is not writable; choose another place")
     return path
 
 
