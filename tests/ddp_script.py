@@ -53,5 +53,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if distributed.world_from_env().size > 1:  # under torchrun: end as cnnlab's own workers do
+    if distributed.world_from_env().size > 1:  # under torchrun: end as cnnlab's own workers do (README)
         distributed.end_worker(0)

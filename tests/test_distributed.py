@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,7 +134,8 @@ def test_batchnorm_net_on_two_processes_follows_the_one_process_loss_curve(tmp_p
                      env={**ENV, "TMPDIR": str(temp)})):
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr == ""  # nothing from torchrun or the other process
-    assert list(temp.glob("cnnlab-workers-*")) == []  # the other process's log folder, deleted after success
+    # the other process's log folder, deleted after success (and none of torchrun's own)
+    assert [p.name for p in temp.iterdir() if p.name.startswith(("cnnlab-workers-", "torchelastic_"))] == []
     assert curve(two, "train_loss") == pytest.approx(curve(one, "train_loss"), abs=0.03)
     assert abs(curve(two, "val_acc")[-1] - curve(one, "val_acc")[-1]) <= 0.03
     assert curve(two, "train_loss") != curve(one, "train_loss")  # not the same run by accident
@@ -275,6 +277,41 @@ def test_the_launcher_names_the_process_that_ended_the_job(tmp_path):
     with pytest.raises(distributed.JobFailed, match=r"killed by SIGABRT; every process") as e:
         distributed.failure({1: process_failure(-6), 0: process_failure(-15)}, tmp_path)
     assert e.value.output is None
+
+
+def test_the_launcher_keeps_the_workers_log_folder_only_when_its_error_names_a_file_in_it(tmp_path, monkeypatch):
+    """torchrun itself stands in here: each fake run returns, or fails as the case says."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    def fake(outcome):
+        def run_(args):
+            if outcome == "ok":
+                return
+            if outcome == "said":
+                log = Path(args.log_dir) / "7a_run" / "attempt_0" / "1" / "stderr.log"
+                log.parent.mkdir(parents=True)
+                log.write_text("terminate called without an active exception\n")
+            e = ChildFailedError.__new__(ChildFailedError)
+            e.failures = ({0: process_failure(2)} if outcome == "rank 0 said why" else
+                          {1: process_failure(-6), 0: process_failure(-15)})
+            raise e
+        return run_
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folders = lambda: sorted(tmp_path.glob("cnnlab-workers-*"))  # noqa: E731
+    monkeypatch.setattr(torchrun, "run", fake("ok"))
+    assert distributed.launch(2, ["train", "x.toml"]) == 0 and folders() == []
+    monkeypatch.setattr(torchrun, "run", fake("rank 0 said why"))
+    assert distributed.launch(2, ["train", "x.toml"]) == 2 and folders() == []
+    monkeypatch.setattr(torchrun, "run", fake("silent"))
+    with pytest.raises(distributed.JobFailed, match="killed by SIGABRT; every process") as e:
+        distributed.launch(2, ["train", "x.toml"])
+    assert e.value.output is None and folders() == []
+    monkeypatch.setattr(torchrun, "run", fake("said"))
+    with pytest.raises(distributed.JobFailed, match="its last line: 'terminate called") as e:
+        distributed.launch(2, ["train", "x.toml"])
+    assert folders() == [tmp_path / e.value.output.relative_to(tmp_path).parts[0]] and e.value.output.is_file()
 
 
 def test_a_worker_ends_with_its_exit_code_and_its_output_flushed():

@@ -328,7 +328,7 @@ def test_run_without_checkpoint_and_bad_files(mnist_run, mnist_images, work):
     for command, name in (("predict", "pred.json"), ("export", "model.onnx")):  # checked before any work
         rc, out, err = run_cli(command, mnist_run, *([images] if command == "predict" else []),
                                "--out", work / "a_file" / "sub" / name)
-        assert_one_line_error(rc, err, f"{work / 'a_file'} is a file, not a folder")
+        assert_one_line_error(rc, err, f"{work / 'a_file'} is not a folder")
         assert out == ""
         (work / name).mkdir(exist_ok=True)
         rc, _, err = run_cli(command, mnist_run, *([images] if command == "predict" else []), "--out", work / name)

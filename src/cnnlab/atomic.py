@@ -51,17 +51,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def check_writable(path: Path, flag: str = "--out") -> Path:
-    """Before any work: ``path`` can be written by ``atomic_write_bytes``, which makes its missing
-    folders: it is not a folder, and the nearest folder above it that exists is a writable folder."""
+def check_writable(path: Path) -> Path:
+    """Before any work, that ``--out PATH`` can be written by ``atomic_write_bytes`` (which makes
+    missing folders): it is not a folder, and the nearest folder above it that exists is a
+    writable folder (a dangling symlink counts as existing, and is no folder)."""
     path = Path(path)
     if path.is_dir():
-        raise CnnlabError(f"{flag} {path}: a directory; give a file name inside it")
-    above = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == Path(p.anchor or "."))
+        raise CnnlabError(f"--out {path}: a directory; give a file name inside it")
+    above = path.parent
+    while not os.path.lexists(above) and above != above.parent:
+        above = above.parent
     if not above.is_dir():
-        raise CnnlabError(f"{flag} {path}: {above} is a file, not a folder; choose another place")
+        raise CnnlabError(f"--out {path}: {above} is not a folder; choose another place")
     if not os.access(above, os.W_OK | os.X_OK):
-        raise CnnlabError(f"{flag} {path}: the folder {above} is not writable; choose another place")
+        raise CnnlabError(f"--out {path}: the folder {above} is not writable; choose another place")
     return path
 
 

@@ -459,6 +459,25 @@ def main(argv: list[str] | None = None) -> int:
     return code or 0
 
 
+def run() -> None:
+    """``cnnlab`` and ``python -m cnnlab``: ``main``, then exit with its code. A process of a torchrun
+    job (WORLD_SIZE > 1) exits through ``distributed.end_worker``, never through Python's shutdown,
+    where gloo's threads can abort it; an exception that escapes ``main`` there (a bug) still
+    prints its traceback and exits 1, as Python would."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun's variable, read without importing torch
+        sys.exit(main())
+    from cnnlab import distributed
+
+    try:
+        code = main()
+    except SystemExit as e:  # argparse: --help, bad arguments
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - reported in full, as Python's own handler would
+        traceback.print_exc()
+        code = 1
+    distributed.end_worker(code)
+
+
 def on_user_path(e: OSError, args) -> bool:
     """Whether ``e`` names a file the user pointed cnnlab at (a path argument, the working directory,
     the data cache) rather than one of cnnlab's own files or none at all."""

@@ -103,7 +103,8 @@ def session(backend: str = "auto"):
     dist.init_process_group(name, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         yield world
-        dist.barrier()
+        # NCCL's barrier is told the GPU of this process (place() made it current), or torch warns
+        dist.barrier(device_ids=[torch.cuda.current_device()]) if dist.get_backend() == "nccl" else dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -315,9 +316,8 @@ def launch(nproc: int, worker_args: list[str], port: int | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     logs = Path(tempfile.mkdtemp(prefix="cnnlab-workers-"))
-    args = torchrun.parse_args(torchrun_argv(nproc, worker_args, port, logs))
-    keep = False
     try:
+        args = torchrun.parse_args(torchrun_argv(nproc, worker_args, port, logs))
         with worker_env({LAUNCHER_ENV: "1"}), quiet_torchrun():
             try:
                 torchrun.run(args)
@@ -327,10 +327,11 @@ def launch(nproc: int, worker_args: list[str], port: int | None = None) -> int:
                 return 130
         return 0
     except JobFailed as e:
-        keep = e.output is not None
+        if e.output is not None:
+            logs = None  # the message names a file in it: kept
         raise
     finally:
-        if not keep:
+        if logs is not None:
             shutil.rmtree(logs, ignore_errors=True)
 
 

@@ -160,10 +160,12 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, checkpoint: s
     """Write ``out`` (default RUN/model.onnx) and, with ``int8``, ``out`` as .int8.onnx; return what
     was measured (also written to RUN/export.json)."""
     run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "model.onnx"
-    if out.suffix != ".onnx":
-        raise CnnlabError(f"--out {out}: expected a file name ending in .onnx")
-    check_writable(out)
+    if out:
+        if Path(out).suffix != ".onnx":
+            raise CnnlabError(f"--out {out}: expected a file name ending in .onnx")
+        out = check_writable(out)
+    else:
+        out = run_dir / "model.onnx"
     ckpt, model = evaluate.load_run_model(run_dir, checkpoint)
     prep = run_preprocessing(ckpt)
     split, split_name = evaluate.load_eval_split(ckpt)
