@@ -279,6 +279,23 @@ def test_the_launcher_names_the_process_that_ended_the_job(tmp_path):
     assert e.value.output is None
 
 
+def test_a_torchrun_worker_exits_through_end_worker_whatever_main_does():
+    """``cli.run`` in a process of a torchrun job (WORLD_SIZE > 1): main's code, argparse's exit and an
+    escaped exception (its traceback printed, exit 1) all end through end_worker, output flushed."""
+    env = {**{k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}, "WORLD_SIZE": "2", "RANK": "1"}
+    worker = "import sys; from cnnlab import cli, distributed; distributed.end_worker = {}; cli.main = {}; cli.run()"
+    # end_worker is watched through the exit code it is given: it adds 100 (and still exits for real)
+    watched = "(lambda e: (lambda code: e(100 + code)))(distributed.end_worker)"
+    cases = {"lambda: print('table', end='') or 3": (103, "table", ""),
+             "lambda: sys.exit(2)": (102, "", ""),
+             "lambda: 1 / 0": (101, "", "ZeroDivisionError: division by zero")}
+    for main_, (code, out, err) in cases.items():
+        proc = subprocess.run([sys.executable, "-c", worker.format(watched, main_)], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert (proc.returncode, proc.stdout) == (code, out), proc.stderr
+        assert proc.stderr.strip().endswith(err) and ("Traceback" in proc.stderr) == bool(err)
+
+
 def test_the_launcher_keeps_the_workers_log_folder_only_when_its_error_names_a_file_in_it(tmp_path, monkeypatch):
     """torchrun itself stands in here: each fake run returns, or fails as the case says."""
     from torch.distributed import run as torchrun
