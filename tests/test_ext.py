@@ -1,9 +1,18 @@
 """Building cnnlab's C++ kernels: errors come back as one BuildError, builds are cached by what
 goes into them."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from cnnlab import ext
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_build_errors_are_reported_not_raised_raw(tmp_path, monkeypatch):
@@ -39,3 +48,28 @@ def test_cache_folder_is_keyed_by_the_install(monkeypatch, tmp_path):
     assert b != a
     monkeypatch.setattr(ext.torch, "__file__", str(tmp_path / "another" / "venv" / "torch" / "__init__.py"))
     assert ext.build_dir("k", "int a;") not in (a, b)
+
+
+BUILD = "import sys; from pathlib import Path; from cnnlab import ext; ext.build(sys.argv[1], Path(sys.argv[2]), 'cnnlab_ext_kill')"
+
+
+def test_a_process_killed_while_building_does_not_stop_later_builds(tmp_path):
+    """torch marks a build in progress with a ``lock`` file that only its builder removes: killed with
+    SIGKILL mid-build, it left the file, and every later process waited for it forever (a CI run hung
+    this way). The next process now builds and loads the kernel."""
+    source = '#include "kernels.h"\nfloat thrice(float v) { return cnnlab::widen(v) * 3; }\n'
+    folder = tmp_path / "build"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-c", BUILD, source, str(folder)]
+    first = subprocess.Popen(cmd, env=env, start_new_session=True)  # its compiler dies with it
+    end = time.monotonic() + 120
+    while not (folder / "lock").exists():
+        assert first.poll() is None and time.monotonic() < end, "the build ended before it could be killed"
+        time.sleep(0.005)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert (folder / "lock").exists()  # what the killed builder left behind
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert not (folder / "lock").exists()
+    assert any(p.suffix == ".so" for p in folder.iterdir())

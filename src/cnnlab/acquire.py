@@ -9,7 +9,6 @@ they replace anything, so a failed or interrupted acquisition leaves the cache a
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import json
 import os
@@ -20,7 +19,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from cnnlab.atomic import DISK_FULL, atomic_write_bytes, write_error
+from cnnlab.atomic import DISK_FULL, atomic_write_bytes, held_lock, write_error
 from cnnlab.cache import data_root, fingerprint, save_cache
 from cnnlab.datasets import DATASETS, IDX_FILES, Dataset, DatasetInfo
 from cnnlab.errors import CnnlabError
@@ -120,8 +119,7 @@ def _only_acquirer(folder: Path):
     """Hold an exclusive lock on ``folder/.lock`` while acquiring: a second ``data get`` of the same
     dataset waits for the first. Under the lock, a ``.staging-*`` folder can only be what a killed
     acquisition left behind, so it is deleted."""
-    with open(folder / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+    with held_lock(folder / ".lock"):
         for stale in folder.glob(".staging-*"):
             shutil.rmtree(stale, ignore_errors=True)
         yield

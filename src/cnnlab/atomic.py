@@ -11,7 +11,9 @@ file as it was: a full disk is one line naming the file (``CnnlabError``), anoth
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import io
 import os
 import socket
@@ -90,6 +92,16 @@ def remove_stale_temps(folder: Path) -> None:
         _, tmp_host, pid, _ = tmp.name.rsplit("~", 3)
         if tmp_host == host and pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def held_lock(path: Path):
+    """Hold an exclusive ``flock`` on the file ``path`` (made if missing) for the block; another
+    process waits here. The kernel frees it when its holder dies, ``kill -9`` included, so a lock
+    never outlives its process the way a lock *file* does."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        yield
 
 
 def pid_alive(pid: int) -> bool:

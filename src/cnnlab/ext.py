@@ -7,6 +7,12 @@ where cnnlab and torch are installed, so a cache copied to another machine never
 a different CPU, and two checkouts or venvs never rebuild each other's copy. Nothing is built
 at install time: pip's isolated build environment would need its own (multi-GB) torch. Without a
 compiler or ninja, ``load`` warns once and returns False, and the caller uses torch's kernels.
+
+torch marks a build in progress with a file (``lock`` in the build folder) that the building process
+removes when it is done; a process killed meanwhile (``kill -9`` while it starts up) leaves it, and
+every later load would wait for it forever. cnnlab's processes take a kernel lock first
+(``build.lock``, freed when its holder dies), under which a ``lock`` file can only be a dead
+builder's, and is removed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from cnnlab.atomic import held_lock
 
 HERE = Path(__file__).parent
 HEADER = HERE / "kernels.h"  # shared by every kernel file (#include "kernels.h")
@@ -89,7 +97,8 @@ def build(source: str, directory: Path, name: str) -> None:
     if not shutil.which(compiler):
         raise BuildError(f"no C++ compiler ({compiler}) found; install g++ (or set CXX)")
     directory.mkdir(parents=True, exist_ok=True)
-    with _ninja_on_path():
+    with _ninja_on_path(), held_lock(directory / "build.lock"):
+        (directory / "lock").unlink(missing_ok=True)  # torch's build marker, left by a process killed building
         try:
             cpp_extension.load_inline(name, [source], extra_cflags=compiler_flags(), extra_ldflags=["-fopenmp"],
                                       extra_include_paths=[str(HERE)], build_directory=str(directory),
