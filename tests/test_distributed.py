@@ -50,7 +50,11 @@ def run(*argv, timeout: float = 600, env: dict | None = None) -> subprocess.Comp
 
 
 def torchrun(nproc: int, *argv) -> subprocess.CompletedProcess:
-    return run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", nproc, *argv)
+    """torchrun itself (not cnnlab's launcher), its log folder deleted afterwards (by default it leaves
+    a ``torchelastic_*`` folder in the temp folder per run)."""
+    with tempfile.TemporaryDirectory(prefix="cnnlab-test-workers-") as logs:
+        return run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", nproc, "--log-dir", logs,
+                   *argv)
 
 
 def relative_gap(a: dict, b: dict) -> float:
