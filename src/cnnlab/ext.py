@@ -12,7 +12,9 @@ torch marks a build in progress with a file (``lock`` in the build folder) that 
 removes when it is done; a process killed meanwhile (``kill -9`` while it starts up) leaves it, and
 every later load would wait for it forever. cnnlab's processes take a kernel lock first
 (``build.lock``, freed when its holder dies), under which a ``lock`` file can only be a dead
-builder's, and is removed.
+builder's: it is removed once the ninja and compiler that builder started, which outlive it and run
+in the folder, are done. A cache folder that cannot be written is a failed build (a warning, torch's
+kernels).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,15 +99,40 @@ def build(source: str, directory: Path, name: str) -> None:
     compiler = os.environ.get("CXX", "c++")
     if not shutil.which(compiler):
         raise BuildError(f"no C++ compiler ({compiler}) found; install g++ (or set CXX)")
-    directory.mkdir(parents=True, exist_ok=True)
-    with _ninja_on_path(), held_lock(directory / "build.lock"):
-        (directory / "lock").unlink(missing_ok=True)  # torch's build marker, left by a process killed building
-        try:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _ninja_on_path(), held_lock(directory / "build.lock"):
+            clear_dead_build(directory)
             cpp_extension.load_inline(name, [source], extra_cflags=compiler_flags(), extra_ldflags=["-fopenmp"],
                                       extra_include_paths=[str(HERE)], build_directory=str(directory),
                                       is_python_module=False, no_implicit_headers=True)
-        except (RuntimeError, OSError) as e:  # torch reports a failed build as RuntimeError, a bad library as OSError
-            raise BuildError(f"{type(e).__name__}: {e}") from None
+    except (RuntimeError, OSError) as e:  # a failed build (RuntimeError), a bad library or a folder we cannot write
+        raise BuildError(f"{type(e).__name__}: {e}") from None
+
+
+def clear_dead_build(directory: Path, wait_s: float = 300.0) -> None:
+    """Under ``build.lock``, torch's ``lock`` marker in ``directory`` is a dead builder's: remove it,
+    once the ninja and compiler that builder started are done (they outlive a SIGKILL of their
+    parent and run in the folder; a second build beside them would write the same files)."""
+    if not (directory / "lock").exists():
+        return
+    end = time.monotonic() + wait_s
+    while working_in(directory) and time.monotonic() < end:
+        time.sleep(0.1)
+    (directory / "lock").unlink(missing_ok=True)
+
+
+def working_in(directory: Path) -> bool:
+    """Whether another process runs in ``directory`` (its working folder, from Linux's /proc; False
+    where there is no /proc)."""
+    target, me = str(directory.resolve()), str(os.getpid())
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if cwd.parent.name != me and os.readlink(cwd) == target:
+                return True
+        except OSError:  # ended meanwhile, or another user's
+            continue
+    return False
 
 
 def kernel_file(name: str, filename: str) -> tuple[str, Path]:
