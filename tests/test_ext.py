@@ -72,7 +72,10 @@ def test_a_process_killed_while_building_does_not_stop_later_builds(tmp_path, ki
         while not (folder / "lock").exists():
             assert first.poll() is None and time.monotonic() < end, "the build ended before it could be killed"
             time.sleep(0.005)
-        os.kill(first.pid, signal.SIGKILL) if kill == "the process" else os.killpg(first.pid, signal.SIGKILL)
+        if kill == "the process":
+            os.kill(first.pid, signal.SIGKILL)
+        else:
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         assert (folder / "lock").exists()  # what the killed builder left behind
         second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
