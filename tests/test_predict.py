@@ -27,6 +27,7 @@ from PIL import Image
 from cnnlab import evaluate
 from cnnlab.augment import Loader
 from cnnlab.errors import CnnlabError
+from cnnlab.formats import open_image
 from cnnlab.predict import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,8 +103,9 @@ def cifar_run(work) -> Path:
 
 @pytest.fixture(scope="module")
 def mnist_images(work, mnist_run):
-    """The first N_MNIST real test images as PNG, four ways: as they are, enlarged 2x (56x56, each
-    pixel a 2x2 block), as RGB, and centred on a 28x40 black canvas. Returns (folder, uint8, labels)."""
+    """The first N_MNIST real test images as PNG, five ways: as they are, enlarged 2x (56x56, each
+    pixel a 2x2 block), as RGB, centred on a 28x40 black canvas, and drawn in white on a transparent
+    canvas (the digit only in the alpha channel). Returns (folder, uint8, labels)."""
     ckpt = evaluate.load_run_model(mnist_run)[0]
     split, name = evaluate.load_eval_split(ckpt)
     assert name == "test"
@@ -114,6 +116,7 @@ def mnist_images(work, mnist_run):
         save_png(img.repeat(2, axis=1).repeat(2, axis=2), folder / "b_big" / f"{i:04d}.png")
         save_png(img, folder / "c_rgb" / f"{i:04d}.png", mode="RGB")
         save_png(np.pad(img, ((0, 0), (0, 0), (6, 6))), folder / "d_wide" / f"{i:04d}.png")
+        save_png(np.concatenate([np.full((3, 28, 28), 255, np.uint8), img]), folder / "e_alpha" / f"{i:04d}.png")
     return folder, x, y
 
 
@@ -132,12 +135,12 @@ def test_predict_mnist_pngs_match_evaluation(mnist_run, mnist_images, work):
     out = work / "mnist_pred.json"
     rc, stdout, err = run_cli("predict", mnist_run, folder, "--out", out, "--batch-size", BATCH, "--top", 3)
     assert rc == 0, err
-    assert f"{4 * N_MNIST} images predicted" in stdout
+    assert f"{5 * N_MNIST} images predicted" in stdout
     rows = predicted(out)
-    assert len(rows) == 4 * N_MNIST
+    assert len(rows) == 5 * N_MNIST
     # the recipe's evaluation: bfloat16 autocast, shifted copies averaged, no mirror
     ref = reference_probs(mnist_run, x, tta=False, dtype=torch.bfloat16, shift=1)
-    for variant in ("a_orig", "b_big", "c_rgb", "d_wide"):
+    for variant in ("a_orig", "b_big", "c_rgb", "d_wide", "e_alpha"):
         got = [rows[str(folder / variant / f"{i:04d}.png")] for i in range(N_MNIST)]
         assert [int(r["pred"]) for r in got] == ref.argmax(1).tolist(), variant
         assert torch.allclose(torch.tensor([r["prob"] for r in got]), ref.max(1).values, atol=1e-6), variant
@@ -166,6 +169,27 @@ def test_predict_cifar_pngs_match_evaluation(cifar_run, work):
     assert [r[1] for r in table[1:]] == [classes[i] for i in ref.argmax(1)]
     assert np.allclose([float(r[2]) for r in table[1:]], ref.max(1).values.numpy(), atol=1e-5)
     assert [r[0] for r in table[1:]] == [str(folder / f"{i:04d}.png") for i in range(N_CIFAR)]
+
+
+def test_invert_reads_ink_on_paper_as_the_model_was_trained(mnist_run, mnist_images, work):
+    """Dark digits on light paper: with --invert they get the evaluation path's predictions of the
+    light-on-dark originals; without it, other ones."""
+    folder, x, _ = mnist_images
+    paper = work / "mnist_paper"
+    for i, img in enumerate(x.numpy()[:50]):
+        save_png(255 - img, paper / f"{i:04d}.png")
+    ref = reference_probs(mnist_run, x[:50], tta=False, dtype=torch.bfloat16, shift=1)
+    preds = {}
+    for flags in ((), ("--invert",)):
+        rc, _, err = run_cli("predict", mnist_run, paper, "--out", work / "paper.json", *flags)
+        assert rc == 0, err
+        rows = predicted(work / "paper.json")
+        preds[flags] = [int(rows[str(paper / f"{i:04d}.png")]["pred"]) for i in range(50)]
+        if flags:
+            probs = [rows[str(paper / f"{i:04d}.png")]["prob"] for i in range(50)]
+            assert torch.allclose(torch.tensor(probs), ref.max(1).values, atol=1e-6)
+    assert preds[("--invert",)] == ref.argmax(1).tolist()
+    assert preds[()] != preds[("--invert",)]
 
 
 def test_predict_prints_a_table(mnist_run, mnist_images):
@@ -407,6 +431,31 @@ def test_read_image_converts_depth_channels_and_size(tmp_path):
     assert (read_image(tmp_path / "tall.png", (1, 8, 8))[0] == grey).all()
     small = read_image(tmp_path / "grey.png", (1, 4, 4))[0]  # 2x2 blocks averaged
     assert (small == grey.reshape(4, 2, 4, 2).astype(float).mean((1, 3)).round()).all()
+
+
+def test_a_picture_only_in_alpha_is_composited_and_other_alpha_dropped(tmp_path):
+    """Strokes of one flat colour on a transparent canvas (what a drawing app exports) come out over
+    the contrasting background, grey or RGB as the model takes; an image whose colours carry the
+    picture keeps them (its alpha dropped, as before), and a uniformly transparent one is untouched."""
+    digit = np.zeros((8, 8), np.uint8)
+    digit[1:7, 3:5], digit[1, 2] = 255, 100  # a stroke, one pixel partly covered
+    black_ink = np.zeros((8, 8, 4), np.uint8)
+    black_ink[..., 3] = digit
+    Image.fromarray(black_ink, "RGBA").save(tmp_path / "black.png")
+    assert (read_image(tmp_path / "black.png", (1, 8, 8))[0] == 255 - digit).all()  # black on white
+    rgb = read_image(tmp_path / "black.png", (3, 8, 8))
+    assert (rgb == (255 - digit)[None]).all()
+    white_ink = np.concatenate([np.full((8, 8, 1), 255, np.uint8), digit[..., None]], -1)
+    Image.fromarray(white_ink, "LA").save(tmp_path / "white.png")
+    assert (read_image(tmp_path / "white.png", (1, 8, 8))[0] == digit).all()  # white on black
+    assert open_image(tmp_path / "white.png").mode == "L"  # grey with alpha stays grey
+    coloured = np.zeros((8, 8, 4), np.uint8)
+    coloured[..., 0], coloured[..., 3] = digit, np.where(digit > 0, 255, 0)  # the picture in the colours
+    Image.fromarray(coloured, "RGBA").save(tmp_path / "coloured.png")
+    assert (read_image(tmp_path / "coloured.png", (3, 8, 8)) == coloured[..., :3].transpose(2, 0, 1)).all()
+    half = np.concatenate([np.full((8, 8, 1), 40, np.uint8), np.full((8, 8, 1), 128, np.uint8)], -1)
+    Image.fromarray(half, "LA").save(tmp_path / "half.png")  # flat colour, flat alpha: no picture anywhere
+    assert (read_image(tmp_path / "half.png", (1, 8, 8)) == 40).all()
 
 
 def test_large_images_read_without_a_warning_and_bombs_are_one_error(tmp_path, monkeypatch):

@@ -61,8 +61,9 @@ def load_cached(name: str, raw: Path, cache: Path) -> Dataset:
 
 
 # the version of formats.read_image_folder's decoding: a cache made by an older reader is rebuilt
-# (2: 16-bit grey scaled, EXIF rotation, hidden files skipped, one colour image makes all colour)
-FOLDER_READER = "image folder reader 2"
+# (2: 16-bit grey scaled, EXIF rotation, hidden files skipped, one colour image makes all colour;
+# 3: a picture drawn only in the alpha channel composited, not dropped)
+FOLDER_READER = "image folder reader 3"
 
 
 def load_folder_cached(path: Path, root: Path) -> Dataset:

@@ -244,7 +244,7 @@ def cmd_predict(args) -> int:
     files, problems = predict.find_images(args.paths)
     if not files:
         raise CnnlabError(f"nothing to predict: {problems[0]}" + (f" (and {len(problems) - 1} more)" if problems[1:] else ""))
-    preds = predict.predict_files(clf, files, batch_size=args.batch_size, top=args.top)
+    preds = predict.predict_files(clf, files, batch_size=args.batch_size, top=args.top, invert=args.invert)
     failures = problems + preds.failures
     if not preds.rows:
         raise CnnlabError(f"none of the {len(files)} files is a readable image (first: {failures[0]})")
@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="average over each image and its mirror (default: as the run was evaluated)")
     pr.add_argument("--checkpoint", choices=("best", "last"), default="best", help="a run's checkpoint (default best)")
     pr.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    pr.add_argument("--invert", action="store_true",
+                    help="read each pixel value v as 255 - v: dark ink on light paper for a model trained on "
+                         "light digits on dark (MNIST), or the reverse")
     pr.add_argument("--mean", help="ONNX files not made by cnnlab: per-channel mean on the 0-1 scale, e.g. 0.5,0.5,0.5")
     pr.add_argument("--std", help="ONNX files not made by cnnlab: per-channel std, e.g. 0.25,0.25,0.25")
     pr.add_argument("--size", help="ONNX files not made by cnnlab: input height and width, e.g. 32 or 32x32")

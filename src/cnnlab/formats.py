@@ -228,7 +228,8 @@ def cifar_files_from(path: Path, info: DatasetInfo) -> dict[str, bytes]:
 
 def open_image(path: Path, grey: bool | None = None):
     """An image file as a Pillow image in mode "L" (grey) or "RGB", as a viewer shows it: upright per
-    its EXIF orientation, 16- and 32-bit grey scaled to 8 bits (not clipped at 255), alpha dropped.
+    its EXIF orientation, 16- and 32-bit grey scaled to 8 bits (not clipped at 255), alpha dropped
+    (unless the picture is only in the alpha channel: ``picture_from_alpha``).
     ``grey``: True or False forces one mode; None keeps grey files grey and makes the others RGB.
     Training data and ``cnnlab predict`` read files through this one function, so both see the same
     pixels. Damaged or unreadable files raise a one-line ``CnnlabError``."""
@@ -238,7 +239,7 @@ def open_image(path: Path, grey: bool | None = None):
         with warnings.catch_warnings():  # large but under Pillow's limit: read it without a warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                im = eight_bit(ImageOps.exif_transpose(im))
+                im = picture_from_alpha(eight_bit(ImageOps.exif_transpose(im)))
                 keep_grey = im.mode in ("1", "L", "LA") if grey is None else grey
                 return im.convert("L" if keep_grey else "RGB")
     except UnidentifiedImageError:
@@ -248,6 +249,26 @@ def open_image(path: Path, grey: bool | None = None):
         why = " ".join(str(e).split())[:160]
         raise CnnlabError(f"{path}: not a readable image ({type(e).__name__}: {why}); expected a valid PNG, "
                           f"JPEG, BMP, GIF or WebP file") from None
+
+
+def picture_from_alpha(im):
+    """An image whose colour is one flat colour everywhere, its picture drawn only in the alpha channel
+    (a digit drawn on a transparent canvas), composited over black or white, whichever contrasts with
+    that colour: dropping its alpha would leave a blank image. Grey stays grey. Any other image,
+    with or without alpha, is returned as it is."""
+    from PIL import Image
+
+    if not ("A" in im.getbands() or "transparency" in im.info):
+        return im
+    grey = im.mode in ("LA", "La")
+    pixels = np.asarray(im.convert("LA" if grey else "RGBA"), dtype=np.float64)
+    colour, alpha = pixels[..., :-1], pixels[..., -1:] / 255
+    flat = colour.reshape(-1, colour.shape[-1])
+    if alpha.size == 0 or alpha.min() == alpha.max() or (flat != flat[0]).any():
+        return im
+    background = 255.0 if flat[0].mean() < 128 else 0.0
+    out = np.round(colour * alpha + background * (1 - alpha)).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if grey else out, "L" if grey else "RGB")
 
 
 def eight_bit(im):

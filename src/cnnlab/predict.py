@@ -190,19 +190,24 @@ def fit(image, width: int, height: int):
     return ImageOps.fit(image, (width, height), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
 
 
-def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    """A file as uint8 [C, H, W] for a model taking ``shape``: grey (C = 1) or RGB (C = 3), any size."""
+def read_image(path: Path, shape: tuple[int, int, int], invert: bool = False) -> np.ndarray:
+    """A file as uint8 [C, H, W] for a model taking ``shape``: grey (C = 1) or RGB (C = 3), any size.
+    ``invert``: each value v read as 255 - v (ink on paper for a model trained on MNIST's light on dark)."""
     channels, height, width = shape
     pixels = np.array(fit(open_image(path, grey=channels == 1), width, height))  # a copy torch may own
+    if invert:
+        pixels = 255 - pixels
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------- predicting
 
 
-def predict_files(clf: Classifier, files: list[Path], batch_size: int = 256, top: int = 1) -> Predictions:
+def predict_files(clf: Classifier, files: list[Path], batch_size: int = 256, top: int = 1,
+                  invert: bool = False) -> Predictions:
     """Top-``top`` classes and probabilities of each readable file, ``batch_size`` files at a time;
-    files that cannot be read are listed in ``failures``. A progress bar shows on large folders."""
+    files that cannot be read are listed in ``failures``. A progress bar shows on large folders.
+    ``invert``: the files are dark on light and the model was trained light on dark, or the reverse."""
     if batch_size < 1:
         raise CnnlabError(f"--batch-size {batch_size}: give a batch size >= 1, e.g. 256")
     rows, failures = [], []
@@ -212,7 +217,7 @@ def predict_files(clf: Classifier, files: list[Path], batch_size: int = 256, top
             images, readable = [], []
             for f in files[start:start + batch_size]:
                 try:
-                    images.append(torch.from_numpy(read_image(f, p.shape)))
+                    images.append(torch.from_numpy(read_image(f, p.shape, invert)))
                     readable.append(f)
                 except CnnlabError as e:
                     failures.append(str(e))
