@@ -258,17 +258,18 @@ def picture_from_alpha(im):
     with or without alpha, is returned as it is."""
     from PIL import Image
 
-    if not ("A" in im.getbands() or "transparency" in im.info):
+    if 0 in im.size or not (im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in im.info):
         return im
     grey = im.mode in ("LA", "La")
-    pixels = np.asarray(im.convert("LA" if grey else "RGBA"), dtype=np.float64)
-    colour, alpha = pixels[..., :-1], pixels[..., -1:] / 255
-    flat = colour.reshape(-1, colour.shape[-1])
-    if alpha.size == 0 or alpha.min() == alpha.max() or (flat != flat[0]).any():
+    with_alpha = im.convert("LA" if grey else "RGBA")
+    *colour, (alpha_low, alpha_high) = with_alpha.getextrema()
+    if alpha_low == alpha_high or any(low != high for low, high in colour):
         return im
-    background = 255.0 if flat[0].mean() < 128 else 0.0
-    out = np.round(colour * alpha + background * (1 - alpha)).astype(np.uint8)
-    return Image.fromarray(out[..., 0] if grey else out, "L" if grey else "RGB")
+    ink = [low for low, _ in colour]
+    background = 255 if sum(ink) / len(ink) < 128 else 0
+    alpha = with_alpha.getchannel("A")
+    bands = [alpha.point([round((c * a + background * (255 - a)) / 255) for a in range(256)]) for c in ink]
+    return bands[0] if grey else Image.merge("RGB", bands)
 
 
 def eight_bit(im):

@@ -191,12 +191,15 @@ def fit(image, width: int, height: int):
 
 
 def read_image(path: Path, shape: tuple[int, int, int], invert: bool = False) -> np.ndarray:
-    """A file as uint8 [C, H, W] for a model taking ``shape``: grey (C = 1) or RGB (C = 3), any size.
-    ``invert``: each value v read as 255 - v (ink on paper for a model trained on MNIST's light on dark)."""
+    """A file as uint8 [C, H, W] for a model taking ``shape``: grey (C = 1) or RGB (C = 3), any size;
+    ``invert``: each value v of the file read as 255 - v."""
+    from PIL import ImageOps
+
     channels, height, width = shape
-    pixels = np.array(fit(open_image(path, grey=channels == 1), width, height))  # a copy torch may own
+    image = open_image(path, grey=channels == 1)
     if invert:
-        pixels = 255 - pixels
+        image = ImageOps.invert(image)
+    pixels = np.array(fit(image, width, height))  # a copy torch may own
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -207,7 +210,7 @@ def predict_files(clf: Classifier, files: list[Path], batch_size: int = 256, top
                   invert: bool = False) -> Predictions:
     """Top-``top`` classes and probabilities of each readable file, ``batch_size`` files at a time;
     files that cannot be read are listed in ``failures``. A progress bar shows on large folders.
-    ``invert``: the files are dark on light and the model was trained light on dark, or the reverse."""
+    ``invert``: as in ``read_image``."""
     if batch_size < 1:
         raise CnnlabError(f"--batch-size {batch_size}: give a batch size >= 1, e.g. 256")
     rows, failures = [], []
