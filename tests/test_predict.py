@@ -136,6 +136,7 @@ def test_predict_mnist_pngs_match_evaluation(mnist_run, mnist_images, work):
     rc, stdout, err = run_cli("predict", mnist_run, folder, "--out", out, "--batch-size", BATCH, "--top", 3)
     assert rc == 0, err
     assert f"{5 * N_MNIST} images predicted" in stdout
+    assert "note:" not in err  # all light digits on dark, as MNIST
     rows = predicted(out)
     assert len(rows) == 5 * N_MNIST
     # the recipe's evaluation: bfloat16 autocast, shifted copies averaged, no mirror
@@ -172,24 +173,33 @@ def test_predict_cifar_pngs_match_evaluation(cifar_run, work):
 
 
 def test_invert_reads_ink_on_paper_as_the_model_was_trained(mnist_run, mnist_images, work):
-    """Dark digits on light paper: with --invert they get the evaluation path's predictions of the
-    light-on-dark originals; without it, other ones."""
+    """Dark digits on light paper (PNG and TIFF files in one folder): with --invert they get the
+    evaluation path's predictions of the light-on-dark originals; without it, other ones, and a note
+    on stderr points to --invert."""
     folder, x, _ = mnist_images
     paper = work / "mnist_paper"
-    for i, img in enumerate(x.numpy()[:50]):
-        save_png(255 - img, paper / f"{i:04d}.png")
+    names = [f"{i:04d}.tif" if i % 2 else f"{i:04d}.png" for i in range(50)]
+    for name, img in zip(names, x.numpy()[:50]):
+        save_png(255 - img, paper / name)  # Pillow writes the format the suffix names
     ref = reference_probs(mnist_run, x[:50], tta=False, dtype=torch.bfloat16, shift=1)
-    preds = {}
+    preds, notes = {}, {}
     for flags in ((), ("--invert",)):
         rc, _, err = run_cli("predict", mnist_run, paper, "--out", work / "paper.json", *flags)
         assert rc == 0, err
         rows = predicted(work / "paper.json")
-        preds[flags] = [int(rows[str(paper / f"{i:04d}.png")]["pred"]) for i in range(50)]
+        assert len(rows) == 50
+        preds[flags] = [int(rows[str(paper / name)]["pred"]) for name in names]
+        notes[flags] = [line for line in err.splitlines() if line.startswith("note:")]
         if flags:
-            probs = [rows[str(paper / f"{i:04d}.png")]["prob"] for i in range(50)]
+            probs = [rows[str(paper / name)]["prob"] for name in names]
             assert torch.allclose(torch.tensor(probs), ref.max(1).values, atol=1e-6)
     assert preds[("--invert",)] == ref.argmax(1).tolist()
     assert preds[()] != preds[("--invert",)]
+    assert notes[()] == ["note: 50 of 50 images have a light border, but the model was trained on light ink on a "
+                         "dark ground; if they are dark ink on a light ground, add --invert"]
+    assert notes[("--invert",)] == []
+    rc, _, err = run_cli("predict", mnist_run, folder / "a_orig", folder / "e_alpha", "--invert")
+    assert rc == 0 and "note: 600 of 600 images have a light border" in err and "--invert made them so: drop it" in err
 
 
 def test_predict_prints_a_table(mnist_run, mnist_images):

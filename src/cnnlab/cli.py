@@ -253,6 +253,9 @@ def cmd_predict(args) -> int:
         print(f"{len(preds.rows)} images predicted by {clf.source}: wrote {args.out}")
     else:
         print(predict.predictions_table(preds.rows))
+    note = predict.ground_note(preds, clf.prep, args.invert)
+    if note:
+        print(note, file=sys.stderr)
     for line in failures:
         print(f"error: {line}", file=sys.stderr)
     if failures:

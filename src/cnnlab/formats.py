@@ -25,7 +25,7 @@ from cnnlab.datasets import (CIFAR_LABEL_KEY, CIFAR_META, CIFAR_TEST, CIFAR_TRAI
 from cnnlab.errors import CnnlabError
 
 MAX_IDX_BYTES = 1 << 32  # 4 GiB: EMNIST, the largest IDX dataset, is under 1 GiB
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def md5_bytes(data: bytes) -> str:
@@ -243,12 +243,12 @@ def open_image(path: Path, grey: bool | None = None):
                 keep_grey = im.mode in ("1", "L", "LA") if grey is None else grey
                 return im.convert("L" if keep_grey else "RGB")
     except UnidentifiedImageError:
-        raise CnnlabError(f"{path}: not an image (no format Pillow reads); expected a PNG, JPEG, BMP, GIF or "
-                          f"WebP file") from None
+        raise CnnlabError(f"{path}: not an image (no format Pillow reads); expected a PNG, JPEG, BMP, GIF, WebP or "
+                          f"TIFF file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # damaged or too large
         why = " ".join(str(e).split())[:160]
         raise CnnlabError(f"{path}: not a readable image ({type(e).__name__}: {why}); expected a valid PNG, "
-                          f"JPEG, BMP, GIF or WebP file") from None
+                          f"JPEG, BMP, GIF, WebP or TIFF file") from None
 
 
 def picture_from_alpha(im):

@@ -17,7 +17,7 @@ import csv
 import glob
 import io
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,8 @@ class Classifier:
 class Predictions:
     rows: list[dict]  # per readable file: path, pred, prob, top [{class, prob}, ...]
     failures: list[str]  # one line per file that could not be read
+    other_ground: list[str] = field(default_factory=list)  # grey files whose border is light where the
+    # training images' ground is dark (MNIST), or dark where it is light: see ``ground_note``
 
 
 # ----------------------------------------------------------------------------- what a model expects
@@ -213,7 +215,7 @@ def predict_files(clf: Classifier, files: list[Path], batch_size: int = 256, top
     ``invert``: as in ``read_image``."""
     if batch_size < 1:
         raise CnnlabError(f"--batch-size {batch_size}: give a batch size >= 1, e.g. 256")
-    rows, failures = [], []
+    rows, failures, other_ground = [], [], []
     p = clf.prep
     with tqdm(total=len(files), unit="image", leave=False, disable=len(files) <= 4 * batch_size or None) as bar:
         for start in range(0, len(files), batch_size):
@@ -222,6 +224,8 @@ def predict_files(clf: Classifier, files: list[Path], batch_size: int = 256, top
                 try:
                     images.append(torch.from_numpy(read_image(f, p.shape, invert)))
                     readable.append(f)
+                    if p.shape[0] == 1 and light_border(images[-1]) != (p.mean[0] > 0.5):
+                        other_ground.append(str(f))
                 except CnnlabError as e:
                     failures.append(str(e))
             bar.update(min(batch_size, len(files) - start))
@@ -230,7 +234,25 @@ def predict_files(clf: Classifier, files: list[Path], batch_size: int = 256, top
             loader = Loader(torch.stack(images), torch.zeros(len(images), dtype=torch.long), len(images), p.mean, p.std)
             logits, _ = evaluate.predict(clf.model, loader, tta=p.tta, dtype=clf.dtype, tta_shift=p.tta_shift)
             rows += prediction_rows(readable, logits, p.classes, top)
-    return Predictions(rows, failures)
+    return Predictions(rows, failures, other_ground)
+
+
+def light_border(image: torch.Tensor) -> bool:
+    """Whether the outermost pixels of a uint8 [C, H, W] image are light on average (> 127.5)."""
+    ring = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], 1)
+    return ring.float().mean().item() > 127.5
+
+
+def ground_note(preds: Predictions, prep: Preprocessing, invert: bool) -> str | None:
+    """One line when grey files look the other way round from the training images (light digits on a
+    dark ground for MNIST): the likely cause is dark ink on light paper, which ``--invert`` reads."""
+    if not preds.other_ground:
+        return None
+    seen, trained = ("light", "dark") if prep.mean[0] <= 0.5 else ("dark", "light")  # border, training ground
+    advice = ("--invert made them so: drop it for these files" if invert else
+              f"if they are {trained} ink on a {seen} ground, add --invert")
+    return (f"note: {len(preds.other_ground)} of {len(preds.rows)} images have a {seen} border, but the model "
+            f"was trained on {seen} ink on a {trained} ground; {advice}")
 
 
 def prediction_rows(files: list[Path], logits: torch.Tensor, classes: tuple[str, ...], top: int) -> list[dict]:
