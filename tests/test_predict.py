@@ -290,6 +290,9 @@ def test_unreadable_files_are_named_and_the_rest_predicted(mnist_run, mnist_imag
     (folder / "notes.png").write_text("not an image\n")
     data = (good / "0002.png").read_bytes()
     (folder / "cut.png").write_bytes(data[:len(data) // 2])
+    (folder / "._0000.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # hidden: not searched
+    (folder / ".ipynb_checkpoints").mkdir()
+    shutil.copy(good / "0000.png", folder / ".ipynb_checkpoints" / "0000-checkpoint.png")
     rc, out, err = run_cli("predict", mnist_run, folder)
     assert rc == 1
     lines = err.strip().splitlines()

@@ -15,7 +15,7 @@ import torch
 
 from cnnlab.atomic import atomic_torch_save
 from cnnlab.datasets import Dataset, Split
-from cnnlab.formats import read_image_folder, read_raw, to_dataset
+from cnnlab.formats import read_image_folder, read_raw, to_dataset, visible_files
 
 
 def data_root(root: str | Path | None = None) -> Path:
@@ -68,8 +68,7 @@ FOLDER_READER = "image folder reader 3"
 
 def load_folder_cached(path: Path, root: Path) -> Dataset:
     """An image folder from its tensor cache, rebuilt when any file under it changes."""
-    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(
-        p.startswith(".") for p in f.relative_to(path).parts))  # hidden files are not read (.DS_Store)
+    files = visible_files(path)  # hidden files are not read (.DS_Store)
     fp = [FOLDER_READER] + [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     key = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:12]
 

@@ -340,6 +340,13 @@ def read_image_folder(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     return out, classes
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, recursively and sorted, but hidden ones (.DS_Store, macOS's ._
+    copies) and those in hidden folders (.ipynb_checkpoints)."""
+    return sorted(f for f in folder.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
 def image_files(folder: Path) -> list[Path]:
     """The image files of a class folder, sorted (none if it is missing); hidden files are skipped,
     any other file that is not an image is an error."""

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cnnlab import __version__, evaluate, runs
 from cnnlab.augment import Loader
 from cnnlab.atomic import check_writable
-from cnnlab.formats import IMAGE_SUFFIXES, open_image
+from cnnlab.formats import IMAGE_SUFFIXES, open_image, visible_files
 from cnnlab.errors import CnnlabError
 from cnnlab.onnxfile import OrtModel
 
@@ -157,7 +157,8 @@ def load_classifier(source: str | Path, checkpoint: str = "best", tta: bool | No
 
 def find_images(paths: list[str]) -> tuple[list[Path], list[str]]:
     """Files to predict and problems (one line each): named files as they are (whatever their
-    suffix), and the image files (by suffix) in folders, recursively, and matched by globs."""
+    suffix), and the image files (by suffix) in folders, recursively (hidden files and folders
+    skipped, as in image-folder datasets), and matched by globs."""
     files, problems = [], []
     suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
     for text in paths:
@@ -166,7 +167,7 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[str]]:
             files.append(path)
             continue
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = [f for f in visible_files(path) if f.suffix.lower() in IMAGE_SUFFIXES]
             where = "in this folder or its subfolders"
         elif any(ch in text for ch in "*?["):
             found = sorted(Path(m) for m in glob.glob(text, recursive=True)
