@@ -123,6 +123,31 @@ def test_micro_batches_on_one_and_two_processes_train_the_whole_batch_parameters
     assert runs.load_checkpoint(two)["config"]["train"]["micro_batch"] == 24
 
 
+def test_hard_images_on_two_processes_are_the_one_process_choice(tmp_path):
+    """train.hard_fraction: each batch is ranked whole, every process's rows of it, so two processes
+    score the images as one does and train the same pool after the first epoch: the same parameters
+    after 3 epochs (4 + 2 + 2 steps, no BatchNorm) to float-addition order, and the same scores. A
+    2-process run stopped after epoch 1 and resumed with 1 process chooses that pool too. Were each
+    process to rank only its own rows, the scores, the pools and so the parameters would differ."""
+    one, two, split = tmp_path / "one", tmp_path / "two", tmp_path / "split"
+    hard = ("--hard-fraction", 0.5)
+    for proc in (run(SCRIPT, one, 3, *hard), torchrun(2, SCRIPT, two, 3, *hard),
+                 torchrun(2, SCRIPT, split, 3, *hard, "--stop-after", 1)):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert runs.load_checkpoint(split)["epoch"] == 1
+    proc = run(SCRIPT, split, 3, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = runs.load_checkpoint(one)
+    assert curve(one, "images") == [512, 256, 256]  # 512 images: 4 batches of 128, then 2 of the hardest 256
+    for other in (two, split):
+        b = runs.load_checkpoint(other)
+        assert b["epoch"] == 3 and curve(other, "images") == [512, 256, 256]
+        assert relative_gap(a["state_dict"], b["state_dict"]) < 1e-5
+        assert torch.allclose(a["hard_scores"], b["hard_scores"])
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert curve(other, key) == pytest.approx(curve(one, key), rel=1e-5), key
+
+
 def test_batchnorm_net_on_two_processes_follows_the_one_process_loss_curve(tmp_path):
     """mnist_fast has BatchNorm: on 2 CPU processes each normalises with the statistics of its own 128
     images instead of all 256 (SyncBatchNorm does not run on CPU), so the runs differ by the sampling

@@ -47,7 +47,7 @@ TINY = FAST + ["data.subset=512", f"data.val_split={VAL}", f"data.eval_batch_siz
                "train.epochs=2", "train.target=0"]
 # for tests whose accuracies are faked: 2 steps of 64 images per epoch
 MINI = ["data.subset=128", "data.batch_size=64"]
-METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tta", "epoch_seconds", "train_seconds",
+METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "images", "val_loss", "val_acc", "tta", "epoch_seconds", "train_seconds",
                "wall_seconds"}
 RESULT_KEYS = {"model", "dataset", "params", "epochs_run", "final_val_acc", "best_val_acc", "train_seconds",
                "wall_seconds", "eval_split", "selected_on", "target",

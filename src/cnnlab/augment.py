@@ -152,6 +152,8 @@ class Loader:
     ``for x, y in loader.epoch(gen, epoch)`` runs one epoch: shuffled when ``shuffle``, augmented
     by ``augment``, cast to ``dtype`` and optionally made channels_last. With alternating flips,
     each image's start bit is drawn once from ``seed``, so a resumed run flips as the original.
+    ``loader.batches(gen, epoch, pool)`` also yields each batch's image indices, and with ``pool``
+    (image indices) the epoch runs over those images only; ``steps(len(pool))`` is then its length.
 
     Process ``rank`` of ``world_size`` (data-parallel training) yields its consecutive
     ``batch_size // world_size`` images of each batch of the same permutation, augmented as in one
@@ -182,7 +184,10 @@ class Loader:
             self.flip_start = bits.to(device=device, dtype=torch.uint8)
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        return self.steps(len(self.labels))
+
+    def steps(self, n: int) -> int:
+        """Batches in an epoch over ``n`` of the images."""
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
@@ -191,20 +196,27 @@ class Loader:
         return len(self) * self.batch_size if self.drop_last else len(self.labels)
 
     def epoch(self, gen: torch.Generator | None = None, epoch: int = 1):
-        n = len(self.labels)
+        for _, x, y in self.batches(gen, epoch):
+            yield x, y
+
+    def batches(self, gen: torch.Generator | None = None, epoch: int = 1, pool: torch.Tensor | None = None):
+        """(image indices, x, y) per batch of one epoch, over the images ``pool`` names (None: all)."""
+        n = len(self.labels) if pool is None else len(pool)
         if self.shuffle:
             order = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu")
             order = order.to(self.images.device)
+            if pool is not None:
+                order = pool.to(self.images.device)[order]
         else:
-            order = None
+            order = None if pool is None else pool.to(self.images.device)
         part = self.batch_size // self.world_size
         rows = Rows(self.rank * part, self.batch_size) if self.world_size > 1 else None
-        for i in range(len(self)):
+        for i in range(self.steps(n)):
             sl = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
             if rows is not None:
                 sl = slice(sl.start + rows.start, sl.start + rows.start + part)
             if order is None:
-                idx = sl
+                idx = torch.arange(sl.start, sl.stop, device=self.images.device)
                 x, y = self.images[sl], self.labels[sl]
             else:  # index_select: a plain copy per image (indexing with [idx] was 35x slower on a CPU)
                 idx = order[sl]
@@ -219,4 +231,4 @@ class Loader:
                 x = x.to(self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
+            yield idx, x, y

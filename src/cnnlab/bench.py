@@ -115,7 +115,7 @@ def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=pri
         c.train.quiet = True
         run_dir = out / f"seed{seed}" if out is not None else None
         res = train(c, run_dir, overwrite=True).result
-        n_train, macs = res["images_per_epoch"], res["macs_per_image"]
+        macs = res["macs_per_image"]
         row = {
             "seed": seed,
             "eval_split": res["eval_split"],
@@ -127,7 +127,7 @@ def bench_recipe(cfg: Config, seeds: list[int], out: Path | None = None, log=pri
             "time_to_target_s": res["time_to_target_s"],
             "target_epoch": res["target_epoch"],
             "seconds_per_epoch": res["train_seconds"] / max(1, res["epochs_run"]),
-            "train_images_per_s": n_train * res["epochs_run"] / max(res["train_seconds"], 1e-9),
+            "train_images_per_s": res["images_trained"] / max(res["train_seconds"], 1e-9),
             "reached": res["time_to_target_s"] is not None,
         }
         row["train_gflops"] = train_gflops(macs, row["train_images_per_s"])

@@ -174,10 +174,14 @@ def section_training(run_dir: Path, result: dict, rows: list[dict]) -> str:
         parts.append(f"<p class=note>{_esc(result['note'])}</p>")
     if (run_dir / "curves.png").is_file():
         parts.append(image_tag(run_dir / "curves.png", "loss, accuracy and learning rate per epoch"))
-    body = [[r["epoch"], f"{r['lr']:.3g}", f"{r['train_loss']:.4f}", _pct(r["train_acc"]), _loss(r.get(f"{split}_loss")),
-             _pct(r.get(f"{split}_acc")), f"{r['epoch_seconds']:.1f}", f"{r['train_seconds']:.1f}"] for r in rows]
-    parts.append(table(["epoch", "lr", "train loss", "train acc", f"{split} loss", f"{split} acc", "epoch s",
+    body = [[r["epoch"], f"{r['lr']:.3g}", f"{r['images']:,}" if "images" in r else "?", f"{r['train_loss']:.4f}",
+             _pct(r["train_acc"]), _loss(r.get(f"{split}_loss")), _pct(r.get(f"{split}_acc")), f"{r['epoch_seconds']:.1f}",
+             f"{r['train_seconds']:.1f}"] for r in rows]
+    parts.append(table(["epoch", "lr", "images", "train loss", "train acc", f"{split} loss", f"{split} acc", "epoch s",
                         "total train s"], body))
+    if len({r.get("images") for r in rows}) > 1:
+        parts.append("<p class=note>Epochs after the first trained on the hardest images only (train.hard_fraction): "
+                     "their train loss and accuracy are those of the hard images.</p>")
     if (run_dir / "lr_find.png").is_file():
         parts.append("<h3>Learning-rate finder</h3>" + image_tag(run_dir / "lr_find.png", "LR range test"))
     return "".join(parts)

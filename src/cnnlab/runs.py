@@ -73,17 +73,19 @@ RESUME_KEYS = ("epoch", "state_dict", "optimizer", "ema_state_dict", "lookahead"
 def checkpoint(*, model_name: str, model_options: dict, num_classes: int, config: dict, dataset: dict, epoch: int,
                state_dict: dict, optimizer: dict | None = None, ema_state_dict: dict | None = None,
                lookahead: list | None = None, rng: dict | None = None, scaler: dict | None = None,
-               history: list | None = None, state: dict | None = None, **extra) -> dict:
+               history: list | None = None, state: dict | None = None, hard_scores=None, **extra) -> dict:
     """A checkpoint (``last.pt``/``best.pt``): ``model_name``, ``model_options``, ``num_classes`` and
     ``config`` rebuild the model; ``dataset`` (``dataset_facts``) is what its inputs were (name, classes,
     mean, std, shape, eval_split); ``epoch`` (completed), weights (``state_dict``, ``ema_state_dict``),
     ``optimizer``, airbench's ``lookahead`` average, ``rng`` and fp16 ``scaler`` states, ``history``
-    (the metrics rows) and ``state`` (the loop's counters) continue training exactly. ``extra``: what a
+    (the metrics rows), ``state`` (the loop's counters) and ``hard_scores`` (each training image's
+    hardness, with ``train.hard_fraction``) continue training exactly. ``extra``: what a
     model from outside the zoo needs to be rebuilt (see models)."""
     return {"model_name": model_name, "model_options": model_options, "num_classes": num_classes,
             "config": config, "dataset": dataset, "epoch": epoch, "state_dict": state_dict,
             "optimizer": optimizer, "ema_state_dict": ema_state_dict, "lookahead": lookahead, "rng": rng,
-            "scaler": scaler, "history": list(history or []), "state": dict(state or {}), **extra}
+            "scaler": scaler, "history": list(history or []), "state": dict(state or {}),
+            "hard_scores": hard_scores, **extra}
 
 
 def dataset_facts(ds) -> dict:

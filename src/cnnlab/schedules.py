@@ -2,6 +2,8 @@
 
 ``lr_at(sched, optim, step, steps_per_epoch, epochs)`` gives the LR for optimizer step ``step``
 (0-based, counted over the whole run) and, for OneCycle with momentum cycling, the momentum.
+When a run's epochs differ in length (``train.hard_fraction``), ``steps_per_epoch`` is their mean
+(a float): the schedule spans the run's steps, and its epochs are equal shares of them.
 Schedules defined per batch (OneCycle, cyclic, piecewise, warmup, Keras ``decay``) move every
 step; Keras-style per-epoch ones (inverse, step) hold their value for the whole epoch.
 """
@@ -44,7 +46,7 @@ def piecewise(t: float, knots: list, values: list) -> float:
     return values[-1]
 
 
-def lr_at(s: ScheduleConfig, o: OptimConfig, step: int, steps_per_epoch: int,
+def lr_at(s: ScheduleConfig, o: OptimConfig, step: int, steps_per_epoch: float,
           epochs: int) -> tuple[float, float | None]:
     t = step / steps_per_epoch  # epochs completed, fractional
     epoch = step // steps_per_epoch

@@ -2,9 +2,11 @@
 
 Per step: LR (and momentum) from the schedule, forward under autocast, loss, backward (in
 ``train.micro_batch`` chunks, gradients summed, when the recipe asks), optimizer step, lookahead
-and EMA updates. Per epoch (``run_epoch``): train, evaluate (every
-``train.eval_every`` epochs and after the last), record the row in the ``RunState`` (best, target,
-plateau), save ``last.pt`` (and ``best.pt``) and ``metrics.jsonl``, print the table row.
+and EMA updates. With ``train.hard_fraction`` < 1 the epochs after the first draw their batches
+from the images that were hardest when last seen (``hard_examples``). Per epoch (``run_epoch``):
+train, evaluate (every ``train.eval_every`` epochs and after the last), record the row in the
+``RunState`` (best, target, plateau), save ``last.pt`` (and ``best.pt``) and ``metrics.jsonl``,
+print the table row.
 ``train(cfg, out, resume=True)`` restores the ``RunState``, optimizer and RNG states from
 ``last.pt``, so a resumed CPU run ends with the same metrics as one that was never interrupted.
 
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab import config as config_mod
-from cnnlab import allocator, distributed, layers, models, muon, runs
+from cnnlab import allocator, distributed, hard_examples, layers, models, muon, runs
 from cnnlab.augment import Augment, Loader, normalize
 from cnnlab.config import Config
 from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
@@ -215,6 +217,7 @@ def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: W
     summary = check_model(model, cfg.model.name, ds.shape, ds.num_classes, ds.name, cfg.model.max_params,
                           cfg.model.max_macs)  # one-line errors: channels, map too small, output, budgets
     train_loader, eval_loader = make_loaders(cfg, ds, device, world)
+    check_hard_pool(cfg, len(ds.train), train_loader)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -232,6 +235,16 @@ def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: W
                  # augmentation draws on the training device: no host-device copy (and sync) per batch on a GPU
                  gen=torch.Generator(device=device).manual_seed(cfg.train.seed), world=world,
                  parallel=distributed.DataParallel(forward, device) if world.size > 1 else None)
+
+
+def check_hard_pool(cfg: Config, n_train: int, loader: Loader) -> None:
+    """The hard images' pool (``train.hard_fraction``) must fill at least one batch."""
+    t, batch = cfg.train, cfg.data.batch_size
+    keep = hard_examples.pool_size(n_train, t.hard_fraction)
+    if t.hard_fraction < 1 and t.epochs > 1 and loader.steps(keep) == 0:
+        raise CnnlabError(f"train.hard_fraction = {t.hard_fraction} keeps {keep} of the {n_train} training images, "
+                          f"less than one batch of {batch}: raise it to at least {batch / n_train:.2g} "
+                          f"or lower data.batch_size")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -356,6 +369,7 @@ class RunState:
     stopped: str | None = None  # "target" or "plateau" once the run stopped early
     code: list[dict] = field(default_factory=list)  # the cnnlab checkout of each start and resume
     lookahead: list | None = None  # airbench's lookahead average (tensors) once it starts
+    hard_scores: torch.Tensor | None = None  # train.hard_fraction < 1: each training image's hardness
 
     def snapshot(self) -> RunState:
         """A copy to go back to (Ctrl-C reports what last.pt holds); tensors are replaced, not mutated, between saves."""
@@ -372,7 +386,8 @@ class RunState:
         c.setdefault("wall_seconds", c.get("train_seconds", 0.0))
         known = {k: c[k] for k in cls().counters() if k in c}
         look = [t.to(device) for t in ckpt["lookahead"]] if ckpt.get("lookahead") is not None else None
-        return cls(epoch=ckpt["epoch"], history=list(ckpt["history"]), lookahead=look, **known)
+        return cls(epoch=ckpt["epoch"], history=list(ckpt["history"]), lookahead=look,
+                   hard_scores=ckpt.get("hard_scores"), **known)
 
 
 def rng_state(gen: torch.Generator) -> dict:
@@ -402,6 +417,7 @@ def checkpoint(s: Setup, st: RunState) -> dict:
         config=config_mod.to_dict(s.cfg), dataset=runs.dataset_facts(s.ds), epoch=st.epoch,
         state_dict=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
         ema_state_dict=s.ema.state_dict() if s.ema is not None else None, lookahead=st.lookahead,
+        hard_scores=st.hard_scores,
         rng=rng_state(s.gen), scaler=s.scaler.state_dict() if s.scaler.is_enabled() else None,
         history=st.history, state=st.counters())
 
@@ -420,7 +436,18 @@ def restore(s: Setup, ckpt: dict, out: Path, log) -> RunState:
     if ckpt.get("scaler"):
         s.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(s.gen, ckpt["rng"], log)
+    check_hard_scores(s, ckpt, out)
     return RunState.from_checkpoint(ckpt, s.device)
+
+
+def check_hard_scores(s: Setup, ckpt: dict, out: Path) -> None:
+    """A run on the hard images resumes with one score per training image (a damaged last.pt, one line)."""
+    scores, n = ckpt.get("hard_scores"), len(s.ds.train)
+    if s.cfg.train.hard_fraction < 1 and ckpt["epoch"] >= 1 and not (
+            isinstance(scores, torch.Tensor) and scores.shape == (n,) and scores.is_floating_point()
+            and bool(torch.isfinite(scores).all())):
+        raise CnnlabError(f"{out}/last.pt: its hard-image scores (train.hard_fraction) are missing or not one number "
+                          f"per training image ({n}); start the run again with --overwrite")
 
 
 def result_json(s: Setup, st: RunState, status: str) -> dict:
@@ -435,6 +462,7 @@ def result_json(s: Setup, st: RunState, status: str) -> dict:
                     "patience and stop_at_target selected on it"} if split == "test" else {}),
         "params": s.params, "macs_per_image": s.macs, "train_images": len(s.ds.train),
         "images_per_epoch": s.train_loader.images_per_epoch, "epochs_run": len(st.history), "epochs": cfg.train.epochs,
+        "images_trained": sum(r.get("images", s.train_loader.images_per_epoch) for r in st.history),
         f"final_{split}_acc": last.get(f"{split}_acc"), f"final_{split}_tta": last.get("tta"),
         f"best_{split}_acc": max((r[f"{split}_acc"] for r in evaluated), default=None),
         f"final_{split}_loss": last.get(f"{split}_loss"), "train_seconds": st.train_seconds,
@@ -458,24 +486,41 @@ def finish(out: Path | None, s: Setup, st: RunState, status: str) -> RunResult:
 # ----------------------------------------------------------------------------- one epoch
 
 
+def epoch_steps(s: Setup) -> list[int]:
+    """Batches in each epoch of the run: the first over every image, the later ones over the hard
+    images' pool when ``train.hard_fraction`` < 1."""
+    t, full = s.cfg.train, len(s.train_loader)
+    if t.hard_fraction == 1:
+        return [full] * t.epochs
+    return [full] + [s.train_loader.steps(hard_examples.pool_size(len(s.ds.train), t.hard_fraction))] * (t.epochs - 1)
+
+
 def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
-    """One pass over the training data; the start of the epoch's metrics row."""
+    """One pass over the training data (over the hardest images after the first epoch, with
+    ``train.hard_fraction``); the start of the epoch's metrics row."""
     cfg, model, opt, device = s.cfg, s.model, s.optimizer, s.device
     model.train()
     models.start_epoch(model, epoch)  # a model's own per-epoch rule (airbench: freeze the whitening bias)
     forward = s.parallel.wrapper() if s.parallel is not None else s.forward
-    steps_per_epoch, total = len(s.train_loader), len(s.train_loader) * cfg.train.epochs
+    plan = epoch_steps(s)  # the schedule spans the run's steps; epochs of unequal length count by their mean
+    total = sum(plan)
+    steps_per_epoch = plan[0] if len(set(plan)) == 1 else total / len(plan)
+    hard = cfg.train.hard_fraction < 1
+    pool = hard_examples.hardest(st.hard_scores, cfg.train.hard_fraction) if hard and epoch > 1 else None
+    share = 1.0 if pool is None else len(pool) / len(s.ds.train)
+    losses: list[tuple[torch.Tensor, ...]] = []  # (image indices, their losses, the batch number) of each batch
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, lr = 0, 0.0
     sync(device)
     t0 = time.perf_counter()
-    with _progress(steps_per_epoch, epoch, cfg.train.quiet or not s.world.main) as bar:
-        for i, (x, y) in enumerate(s.train_loader.epoch(s.gen, epoch)):
-            step = (epoch - 1) * steps_per_epoch + i
+    with _progress(plan[epoch - 1], epoch, cfg.train.quiet or not s.world.main) as bar:
+        for i, (idx, x, y) in enumerate(s.train_loader.batches(s.gen, epoch, pool)):
+            step = sum(plan[:epoch - 1]) + i
             lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
             set_lr(opt, lr, mom)
             opt.zero_grad(set_to_none=True)
+            batch_losses = []
             for logits, loss, yk in accumulate_gradients(forward, x, y, s.dtype, cfg.train.micro_batch, s.scaler,
                                                          cfg.optim.label_smoothing):
                 # free on one CPU process; on CUDA, and with several processes (all must stop together), the epoch-end check
@@ -483,6 +528,11 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
                     raise _Diverged(epoch, i + 1, float(loss), lr)  # before the optimizer step
                 loss_sum += loss * len(yk)
                 correct += (logits.argmax(1) == yk).sum()
+                if hard:
+                    batch_losses.append(F.cross_entropy(logits.float(), yk, reduction="none",
+                                                        label_smoothing=cfg.optim.label_smoothing))
+            if hard:
+                losses.append((idx, torch.cat(batch_losses), torch.full_like(idx, i)))
             optimizer_step(model, opt, s.scaler, cfg.optim.grad_clip)
             if cfg.train.lookahead:
                 st.lookahead = lookahead_update(st.lookahead, model, step, total, cfg.train.lookahead)
@@ -493,12 +543,16 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
     if st.lookahead is not None and epoch == cfg.train.epochs:  # training ends on the average (airbench)
         with torch.no_grad():
             torch._foreach_copy_(float_state(model), st.lookahead)
+    if hard:  # each batch ranked whole (every process's rows of it), so all processes choose the same pool next
+        indices, values, batch = distributed.gather(s.world, *(torch.cat(t).cpu() for t in zip(*losses)))
+        st.hard_scores = hard_examples.updated(st.hard_scores, len(s.ds.train), indices,
+                                               hard_examples.batch_scores(values, batch, share))
     sync(device)
     seconds = time.perf_counter() - t0
     st.train_seconds += seconds
     loss_sum, correct, seen = distributed.sum_over(s.world, loss_sum, correct, torch.tensor(seen, device=device))
     return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-            "epoch_seconds": seconds, "train_seconds": st.train_seconds}
+            "images": int(seen), "epoch_seconds": seconds, "train_seconds": st.train_seconds}
 
 
 def evaluate_epoch(s: Setup, row: dict) -> None:
