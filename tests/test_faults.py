@@ -29,8 +29,10 @@ from cnnlab.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "mnist_tiny.toml"
+# EMA and the hard images (epochs 2 on: the hardest half) make their state part of what a kill must not lose
 SETS = ["train.quiet=true", "train.threads=1", 'train.dtype="float32"', 'train.device="cpu"', "train.target=0",
-        "data.subset=1024", "data.val_split=500", "data.eval_batch_size=500", "data.batch_size=128", "train.ema=0.9"]
+        "data.subset=1024", "data.val_split=500", "data.eval_batch_size=500", "data.batch_size=128", "train.ema=0.9",
+        "train.hard_fraction=0.5"]
 EPOCHS = 8
 RUN_FILES = {"config.toml", "summary.txt", "metrics.jsonl", "last.pt", "best.pt", "result.json"}
 LAUNCHER = textwrap.dedent("""
