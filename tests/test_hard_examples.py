@@ -16,7 +16,7 @@ from cnnlab.config import load_recipe
 from cnnlab.data import load_dataset, subset
 from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import predict
-from cnnlab.hard_examples import batch_scores, hardest, pool_size, updated
+from cnnlab.hard_examples import batch_scores, hardest, pool_size, scores_of
 from cnnlab.schedules import lr_at
 from cnnlab.train import Interrupted, train
 from conftest import assert_one_line_error
@@ -27,30 +27,25 @@ SMALL = ["train.quiet=true", "train.dtype=float32", "train.threads=1", "data.val
          "data.batch_size=128", "train.epochs=3", "train.target=0", "train.hard_fraction=0.5"]
 
 
-def test_scores_are_quantiles_within_each_batch_scaled_into_the_pool():
+def test_scores_are_quantiles_within_each_batch():
     losses = torch.tensor([0.3, 0.1, 0.9, 0.5, 2.0, 1.0, 0.2])
     batch = torch.tensor([0, 0, 0, 0, 1, 1, 2])
     # batch 0: ranks 1, 0, 3, 2 of 4 -> (rank + 1) / 5; batch 1: 2 of 2, 1 of 2; a batch of one: the middle
-    assert batch_scores(losses, batch, 1.0).tolist() == pytest.approx([0.4, 0.2, 0.8, 0.6, 2 / 3, 1 / 3, 0.5])
-    # drawn from the hardest half of the set: the same quantiles within [0.5, 1]
-    assert batch_scores(losses, batch, 0.5).tolist() == pytest.approx([0.7, 0.6, 0.9, 0.8, 5 / 6, 4 / 6, 0.75])
+    assert batch_scores(losses, batch).tolist() == pytest.approx([0.4, 0.2, 0.8, 0.6, 2 / 3, 1 / 3, 0.5])
     # batches need not be contiguous (several processes' rows), nor their ids in order
     perm = torch.tensor([6, 2, 4, 0, 5, 1, 3])
-    assert torch.equal(batch_scores(losses[perm], batch[perm], 1.0), batch_scores(losses, batch, 1.0)[perm])
+    assert torch.equal(batch_scores(losses[perm], batch[perm]), batch_scores(losses, batch)[perm])
+    # one score per training image; images no batch held (a dropped last batch) score 0
+    assert scores_of(5, torch.tensor([3, 1]), torch.tensor([0.9, 0.4])).tolist() == pytest.approx([0, 0.4, 0, 0.9, 0])
 
 
-def test_pool_is_the_highest_scores_in_index_order_ties_to_the_lower_index():
+def test_pool_is_the_highest_scores_in_index_order_and_at_least_one_batch():
     scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.9])
-    assert hardest(scores, 0.6).tolist() == [0, 1, 4]  # 3 of 5: both 0.9, then the first 0.5
-    assert hardest(scores, 1.0).tolist() == [0, 1, 2, 3, 4]
-    assert hardest(scores, 0.01).tolist() == [1] and pool_size(5, 0.01) == 1
-
-
-def test_updated_scores_are_a_new_tensor():
-    old = torch.zeros(5)
-    new = updated(old, 5, torch.tensor([3, 1]), torch.tensor([0.9, 0.4]))
-    assert new.tolist() == pytest.approx([0, 0.4, 0, 0.9, 0]) and old.tolist() == [0] * 5  # checkpoints hold old
-    assert updated(None, 3, torch.tensor([2]), torch.tensor([0.7])).tolist() == pytest.approx([0, 0, 0.7])
+    assert hardest(scores, 0.6, 1).tolist() == [0, 1, 4]  # 3 of 5: both 0.9, then the first 0.5 (ties: lower index)
+    assert hardest(scores, 1.0, 1).tolist() == [0, 1, 2, 3, 4]
+    assert hardest(scores, 0.01, 1).tolist() == [1] and pool_size(5, 0.01, 1) == 1
+    assert hardest(scores, 0.2, 2).tolist() == [1, 4]  # 1 image is less than a batch of 2
+    assert pool_size(60000, 0.1, 256) == 6000 and pool_size(2000, 0.05, 128) == 128 and pool_size(100, 0.5, 256) == 100
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -117,11 +112,12 @@ def test_later_epochs_train_on_the_images_the_network_gets_wrong_and_resume_exac
     assert [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in resumed.history] == strip
     assert torch.equal(runs.load_checkpoint(out)["hard_scores"], runs.load_checkpoint(tmp_path / "full")["hard_scores"])
 
-    # epoch 2 trained the hardest half by the scores epoch 1 left, each image once
-    pool = hardest(ckpt["hard_scores"], 0.5)
-    trained = torch.cat([i for e, i in seen if e == 2])
-    assert len(trained) == 15 * 128 and len(set(trained.tolist())) == len(trained)
-    assert set(trained.tolist()) <= set(pool.tolist())
+    # epochs 2 and 3 trained the hardest half by the scores epoch 1 left, each image once per epoch
+    pool = hardest(ckpt["hard_scores"], 0.5, 128)
+    for epoch in (2, 3):
+        trained = torch.cat([i for e, i in seen if e == epoch])
+        assert len(trained) == 15 * 128 and len(set(trained.tolist())) == len(trained)
+        assert set(trained.tolist()) <= set(pool.tolist())
     # and those are the images the network of epoch 1 finds hard: under it, the pool's mean loss is
     # 3x the rest's (measured), and it holds 80% of the images with a loss above 1; a random half
     # would hold half of them (+-3 points)
@@ -133,18 +129,24 @@ def test_later_epochs_train_on_the_images_the_network_gets_wrong_and_resume_exac
     assert high[pool].sum() > 0.7 * high.sum() and high.sum() > 100, (high[pool].sum(), high.sum())
 
 
-def test_a_pool_smaller_than_a_batch_is_refused_before_training(tmp_path):
-    cfg = load_recipe(RECIPE, SMALL + ["train.hard_fraction=0.03"])  # 120 images, batch 128
-    with pytest.raises(CnnlabError, match=r"train.hard_fraction = 0.03 keeps 120 of the 4000 training images, "
-                                          r"less than one batch of 128: raise it to at least 0.032"):
-        train(cfg, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+def test_a_pool_smaller_than_a_batch_is_one_batch(tmp_path):
+    cfg = load_recipe(RECIPE, SMALL + ["train.hard_fraction=0.01", "train.epochs=2"])  # 40 images < a batch of 128
+    assert [r["images"] for r in train(cfg, tmp_path / "run").history] == [31 * 128, 128]
 
 
 @pytest.mark.parametrize("value", [0, -0.5, 1.5])
 def test_hard_fraction_outside_0_1_is_refused(value):
     with pytest.raises(CnnlabError, match=r"train.hard_fraction = .*: must be in \(0, 1\]"):
         load_recipe(RECIPE, [f"train.hard_fraction={value}"])
+
+
+@pytest.mark.parametrize("schedule", [["schedule.name=\"step\""], ["schedule.name=\"piecewise\"",
+                                      "schedule.knots=[0, 3]", "schedule.values=[1, 0]"], ["schedule.warmup_epochs=1"]])
+def test_hard_fraction_with_a_schedule_that_counts_epochs_is_refused(schedule, capsys):
+    rc = main(["train", str(RECIPE), "--set", "train.hard_fraction=0.5", *(a for s in schedule for a in ("--set", s))])
+    _, err = capsys.readouterr()
+    assert_one_line_error(rc, err, "train.hard_fraction = 0.5 makes the later epochs shorter than the first",
+                          "counts epochs: use schedule.name = \"onecycle\" or \"constant\" without warmup_epochs")
 
 
 @pytest.mark.parametrize("damage", ["missing", "short", "nan"])

@@ -114,7 +114,7 @@ class TrainConfig:
     tta_each_epoch: bool = True  # false: one view per epoch, the TTA views at the last epoch only (wall time)
     micro_batch: int = 0  # forward+backward in chunks of this many images, one optimizer step per batch (0 = whole batch): see README
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
-    hard_fraction: float = 1.0  # epochs after the first train on this fraction of the images, the hardest (1 = all): see hard_examples
+    hard_fraction: float = 1.0  # epochs after the first train on this fraction of the images (>= 1 batch), those hardest in the first (1 = all): see hard_examples
     sync_bn: bool = False  # several CUDA processes: BatchNorm statistics over the global batch (SyncBatchNorm)
     quiet: bool = False
 
@@ -270,6 +270,10 @@ def validate(cfg: Config) -> None:
         (cfg.train.micro_batch >= 0, f"train.micro_batch = {cfg.train.micro_batch}: must be >= 0 (0 = the whole batch)"),
         (0 < cfg.train.hard_fraction <= 1,
          f"train.hard_fraction = {cfg.train.hard_fraction}: must be in (0, 1] (1 = every image every epoch)"),
+        (cfg.train.hard_fraction == 1 or (cfg.schedule.name in ("onecycle", "constant") and not cfg.schedule.warmup_epochs),
+         f"train.hard_fraction = {cfg.train.hard_fraction} makes the later epochs shorter than the first, and schedule "
+         f"'{cfg.schedule.name}'{' with warmup_epochs' if cfg.schedule.warmup_epochs else ''} counts epochs: use "
+         f"schedule.name = \"onecycle\" or \"constant\" without warmup_epochs (they follow the run's steps)"),
         (cfg.train.eval_every >= 1, f"train.eval_every = {cfg.train.eval_every}: must be >= 1 (1 = every epoch)"),
         (0 <= cfg.train.tta_shift <= 4, f"train.tta_shift = {cfg.train.tta_shift}: must be 0 (off) to 4 pixels"),
         (0 <= cfg.train.target <= 1, f"train.target = {cfg.train.target}: an accuracy in [0, 1], e.g. 0.994"),

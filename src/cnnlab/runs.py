@@ -67,7 +67,8 @@ def is_run(path: Path) -> bool:
 # The checkpoint schema, one place: what rebuilds the model (with the type each must have, checked
 # when a file is loaded), then what continues training exactly.
 REBUILD_KEYS = {"model_name": str, "model_options": dict, "num_classes": int, "config": dict, "dataset": dict}
-RESUME_KEYS = ("epoch", "state_dict", "optimizer", "ema_state_dict", "lookahead", "rng", "scaler", "history", "state")
+RESUME_KEYS = ("epoch", "state_dict", "optimizer", "ema_state_dict", "lookahead", "rng", "scaler", "history", "state",
+               "hard_scores")
 
 
 def checkpoint(*, model_name: str, model_options: dict, num_classes: int, config: dict, dataset: dict, epoch: int,
@@ -79,7 +80,7 @@ def checkpoint(*, model_name: str, model_options: dict, num_classes: int, config
     mean, std, shape, eval_split); ``epoch`` (completed), weights (``state_dict``, ``ema_state_dict``),
     ``optimizer``, airbench's ``lookahead`` average, ``rng`` and fp16 ``scaler`` states, ``history``
     (the metrics rows), ``state`` (the loop's counters) and ``hard_scores`` (each training image's
-    hardness, with ``train.hard_fraction``) continue training exactly. ``extra``: what a
+    hardness in the first epoch, with ``train.hard_fraction``) continue training exactly. ``extra``: what a
     model from outside the zoo needs to be rebuilt (see models)."""
     return {"model_name": model_name, "model_options": model_options, "num_classes": num_classes,
             "config": config, "dataset": dataset, "epoch": epoch, "state_dict": state_dict,

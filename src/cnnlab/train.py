@@ -3,7 +3,7 @@
 Per step: LR (and momentum) from the schedule, forward under autocast, loss, backward (in
 ``train.micro_batch`` chunks, gradients summed, when the recipe asks), optimizer step, lookahead
 and EMA updates. With ``train.hard_fraction`` < 1 the epochs after the first draw their batches
-from the images that were hardest when last seen (``hard_examples``). Per epoch (``run_epoch``):
+from the images that were hardest in the first (``hard_examples``). Per epoch (``run_epoch``):
 train, evaluate (every ``train.eval_every`` epochs and after the last), record the row in the
 ``RunState`` (best, target, plateau), save ``last.pt`` (and ``best.pt``) and ``metrics.jsonl``,
 print the table row.
@@ -217,7 +217,6 @@ def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: W
     summary = check_model(model, cfg.model.name, ds.shape, ds.num_classes, ds.name, cfg.model.max_params,
                           cfg.model.max_macs)  # one-line errors: channels, map too small, output, budgets
     train_loader, eval_loader = make_loaders(cfg, ds, device, world)
-    check_hard_pool(cfg, len(ds.train), train_loader)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -235,16 +234,6 @@ def setup(cfg: Config, model: torch.nn.Module | None = None, log=print, world: W
                  # augmentation draws on the training device: no host-device copy (and sync) per batch on a GPU
                  gen=torch.Generator(device=device).manual_seed(cfg.train.seed), world=world,
                  parallel=distributed.DataParallel(forward, device) if world.size > 1 else None)
-
-
-def check_hard_pool(cfg: Config, n_train: int, loader: Loader) -> None:
-    """The hard images' pool (``train.hard_fraction``) must fill at least one batch."""
-    t, batch = cfg.train, cfg.data.batch_size
-    keep = hard_examples.pool_size(n_train, t.hard_fraction)
-    if t.hard_fraction < 1 and t.epochs > 1 and loader.steps(keep) == 0:
-        raise CnnlabError(f"train.hard_fraction = {t.hard_fraction} keeps {keep} of the {n_train} training images, "
-                          f"less than one batch of {batch}: raise it to at least {batch / n_train:.2g} "
-                          f"or lower data.batch_size")
 
 
 # ----------------------------------------------------------------------------- one step
@@ -369,7 +358,7 @@ class RunState:
     stopped: str | None = None  # "target" or "plateau" once the run stopped early
     code: list[dict] = field(default_factory=list)  # the cnnlab checkout of each start and resume
     lookahead: list | None = None  # airbench's lookahead average (tensors) once it starts
-    hard_scores: torch.Tensor | None = None  # train.hard_fraction < 1: each training image's hardness
+    hard_scores: torch.Tensor | None = None  # train.hard_fraction < 1: each training image's hardness in epoch 1
 
     def snapshot(self) -> RunState:
         """A copy to go back to (Ctrl-C reports what last.pt holds); tensors are replaced, not mutated, between saves."""
@@ -443,7 +432,7 @@ def restore(s: Setup, ckpt: dict, out: Path, log) -> RunState:
 def check_hard_scores(s: Setup, ckpt: dict, out: Path) -> None:
     """A run on the hard images resumes with one score per training image (a damaged last.pt, one line)."""
     scores, n = ckpt.get("hard_scores"), len(s.ds.train)
-    if s.cfg.train.hard_fraction < 1 and ckpt["epoch"] >= 1 and not (
+    if s.cfg.train.hard_fraction < 1 and 1 <= ckpt["epoch"] < s.cfg.train.epochs and not (
             isinstance(scores, torch.Tensor) and scores.shape == (n,) and scores.is_floating_point()
             and bool(torch.isfinite(scores).all())):
         raise CnnlabError(f"{out}/last.pt: its hard-image scores (train.hard_fraction) are missing or not one number "
@@ -487,12 +476,13 @@ def finish(out: Path | None, s: Setup, st: RunState, status: str) -> RunResult:
 
 
 def epoch_steps(s: Setup) -> list[int]:
-    """Batches in each epoch of the run: the first over every image, the later ones over the hard
-    images' pool when ``train.hard_fraction`` < 1."""
+    """Batches in each epoch of the run: the first over every image, the later ones over the pool of
+    hard images when ``train.hard_fraction`` < 1."""
     t, full = s.cfg.train, len(s.train_loader)
     if t.hard_fraction == 1:
         return [full] * t.epochs
-    return [full] + [s.train_loader.steps(hard_examples.pool_size(len(s.ds.train), t.hard_fraction))] * (t.epochs - 1)
+    pool = hard_examples.pool_size(len(s.ds.train), t.hard_fraction, s.cfg.data.batch_size)
+    return [full] + [s.train_loader.steps(pool)] * (t.epochs - 1)
 
 
 def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
@@ -506,8 +496,8 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
     total = sum(plan)
     steps_per_epoch = plan[0] if len(set(plan)) == 1 else total / len(plan)
     hard = cfg.train.hard_fraction < 1
-    pool = hard_examples.hardest(st.hard_scores, cfg.train.hard_fraction) if hard and epoch > 1 else None
-    share = 1.0 if pool is None else len(pool) / len(s.ds.train)
+    pool = hard_examples.hardest(st.hard_scores, cfg.train.hard_fraction, cfg.data.batch_size) if hard and epoch > 1 else None
+    score = hard and epoch == 1 < cfg.train.epochs  # the first epoch's losses choose the pool
     losses: list[tuple[torch.Tensor, ...]] = []  # (image indices, their losses, the batch number) of each batch
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -528,10 +518,10 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
                     raise _Diverged(epoch, i + 1, float(loss), lr)  # before the optimizer step
                 loss_sum += loss * len(yk)
                 correct += (logits.argmax(1) == yk).sum()
-                if hard:
+                if score:
                     batch_losses.append(F.cross_entropy(logits.float(), yk, reduction="none",
                                                         label_smoothing=cfg.optim.label_smoothing))
-            if hard:
+            if score:
                 losses.append((idx, torch.cat(batch_losses), torch.full_like(idx, i)))
             optimizer_step(model, opt, s.scaler, cfg.optim.grad_clip)
             if cfg.train.lookahead:
@@ -543,10 +533,9 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
     if st.lookahead is not None and epoch == cfg.train.epochs:  # training ends on the average (airbench)
         with torch.no_grad():
             torch._foreach_copy_(float_state(model), st.lookahead)
-    if hard:  # each batch ranked whole (every process's rows of it), so all processes choose the same pool next
+    if score:  # each batch ranked whole (every process's rows of it), so all processes choose the same pool
         indices, values, batch = distributed.gather(s.world, *(torch.cat(t).cpu() for t in zip(*losses)))
-        st.hard_scores = hard_examples.updated(st.hard_scores, len(s.ds.train), indices,
-                                               hard_examples.batch_scores(values, batch, share))
+        st.hard_scores = hard_examples.scores_of(len(s.ds.train), indices, hard_examples.batch_scores(values, batch))
     sync(device)
     seconds = time.perf_counter() - t0
     st.train_seconds += seconds
