@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cnnlab import config, evaluate, runs, train
+from cnnlab.errors import CnnlabError
 from cnnlab.evaluate import confusion_matrix, metrics, top_losses
 
 PICTURES = ("curves.png", "confusion.png", "misclassified.png", "gradcam.png", "activations.png")
@@ -187,6 +188,42 @@ def test_tta_views_and_predict_average_them():
     assert not torch.allclose(logits, plain, atol=1e-4)
     assert torch.allclose(predict(model, loader, tta=True)[0], plain, atol=1e-6)
     assert not logits.requires_grad  # evaluation builds no autograd graph
+
+
+def test_tta_for_the_least_confident_fraction_of_each_batch():
+    """train.tta_fraction: one view for every image, the TTA views (replacing it) for the ceil(f * n)
+    images of each batch whose top-1 probability under that view is lowest; 1 = every image."""
+    from cnnlab.augment import Loader
+    from cnnlab.evaluate import least_confident, predict, tta_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 5))
+    images = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    loader = Loader(images, torch.zeros(50, dtype=torch.long), 20, [0.5], [0.25])  # batches of 20, 20, 10
+    one, _ = predict(model, loader)
+    full, _ = predict(model, loader, tta=True, tta_shift=1)
+    part, _ = predict(model, loader, tta=True, tta_shift=1, tta_fraction=0.25)
+    assert torch.equal(predict(model, loader, tta=True, tta_shift=1, tta_fraction=1.0)[0], full)
+    chosen = []
+    for start, n in ((0, 20), (20, 20), (40, 10)):  # 5, 5 and 3 (ceil) images per batch
+        rows = least_confident(one[start:start + n], 0.25) + start
+        assert len(rows) == {20: 5, 10: 3}[n]
+        confidence = one[start:start + n].softmax(1).amax(1)
+        assert confidence[rows - start].max() <= confidence.sort().values[len(rows) - 1]
+        chosen += rows.tolist()
+    mask = torch.zeros(50, dtype=torch.bool)
+    mask[chosen] = True
+    assert torch.allclose(part[mask], full[mask], atol=1e-6) and torch.allclose(part[~mask], one[~mask], atol=1e-6)
+    assert not torch.allclose(full[~mask], one[~mask], atol=1e-4)  # the views do change the others
+    with torch.no_grad():
+        x = next(loader.epoch(None))[0]
+        assert torch.allclose(tta_logits(model, x[:3], True, 1), full[:3], atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0, 1.5])
+def test_tta_fraction_outside_0_1_is_refused(value):
+    with pytest.raises(CnnlabError, match=r"train.tta_fraction = .*: must be in \(0, 1\]"):
+        config.from_dict({"train": {"tta_fraction": value}})
 
 
 def test_evaluate_uses_the_runs_precision(tmp_path, mnist_run_sets):

@@ -112,6 +112,7 @@ class TrainConfig:
     tta: bool = False  # average predictions over the image and its mirror at evaluation
     tta_shift: int = 0  # also average over the image shifted by +-N pixels along the diagonal (0 = off)
     tta_each_epoch: bool = True  # false: one view per epoch, the TTA views at the last epoch only (wall time)
+    tta_fraction: float = 1.0  # the TTA views for this fraction of each batch, its least confident images under one view (1 = all)
     micro_batch: int = 0  # forward+backward in chunks of this many images, one optimizer step per batch (0 = whole batch): see README
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     hard_fraction: float = 1.0  # epochs after the first train on this fraction of the images (>= 1 batch), those hardest in the first (1 = all): see hard_examples
@@ -268,6 +269,8 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.train.ema < 1, f"train.ema = {cfg.train.ema}: must be in [0, 1)"),
         (0 <= cfg.train.lookahead < 1, f"train.lookahead = {cfg.train.lookahead}: must be in [0, 1) (airbench: 0.95)"),
         (cfg.train.micro_batch >= 0, f"train.micro_batch = {cfg.train.micro_batch}: must be >= 0 (0 = the whole batch)"),
+        (0 < cfg.train.tta_fraction <= 1,
+         f"train.tta_fraction = {cfg.train.tta_fraction}: must be in (0, 1] (1 = the TTA views for every image)"),
         (0 < cfg.train.hard_fraction <= 1,
          f"train.hard_fraction = {cfg.train.hard_fraction}: must be in (0, 1] (1 = every image every epoch)"),
         (cfg.train.hard_fraction == 1 or (cfg.schedule.name in ("onecycle", "constant") and not cfg.schedule.warmup_epochs),

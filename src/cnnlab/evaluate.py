@@ -10,6 +10,7 @@ precision/recall/F1, the confusion matrix and the most-confused class pairs.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,10 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, flip: bool = False, shif
 
 
 def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float32,
-            tta_shift: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            tta_shift: int = 0, tta_fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on CPU) and labels for every image of ``loader``, in order; with ``tta``
-    (mirror) or ``tta_shift`` (translation) the logits are ``tta_logits``."""
+    (mirror) or ``tta_shift`` (translation) the logits are ``tta_logits``, for every image or, with
+    ``tta_fraction`` < 1, for that fraction of each batch (``least_confident``; the rest: one view)."""
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -61,12 +63,23 @@ def predict(model: torch.nn.Module, loader, tta: bool = False, dtype=torch.float
     try:
         for x, y in loader.epoch(None):
             with torch.no_grad(), autocast(device, dtype):
-                out = tta_logits(model, x, tta, tta_shift)
+                if (tta or tta_shift) and tta_fraction < 1:
+                    out = model(x).float()
+                    unsure = least_confident(out, tta_fraction)
+                    out[unsure] = tta_logits(model, x[unsure], tta, tta_shift)
+                else:
+                    out = tta_logits(model, x, tta, tta_shift)
             logits.append(out.cpu())
             labels.append(y.cpu())
     finally:
         model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
+
+
+def least_confident(logits: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Rows of the ``ceil(fraction * n)`` predictions with the lowest top-1 probability."""
+    k = math.ceil(fraction * len(logits))
+    return logits.softmax(1).amax(1).argsort(stable=True)[:k]
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

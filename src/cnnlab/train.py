@@ -555,7 +555,8 @@ def evaluate_epoch(s: Setup, row: dict) -> None:
     tta = cfg.tta_each_epoch or last
     distributed.share_buffers(s.world, s.model, s.ema)
     logits, labels = distributed.gather(s.world, *predict(s.ema if s.ema is not None else s.forward, s.eval_loader,
-                                                          cfg.tta and tta, s.dtype, cfg.tta_shift if tta else 0))
+                                                          cfg.tta and tta, s.dtype, cfg.tta_shift if tta else 0,
+                                                          cfg.tta_fraction))
     loss, acc = loss_and_accuracy(logits, labels)
     if not (math.isfinite(loss) and all_finite(s.model)):
         raise _Diverged(epoch, len(s.train_loader), loss, row["lr"], "evaluation loss")
