@@ -237,3 +237,22 @@ def test_evaluate_uses_the_runs_precision(tmp_path, mnist_run_sets):
     assert ev["dtype"] == "bfloat16"
     assert ev["accuracy"] == pytest.approx(result["best_val_acc"], abs=1e-6)
     assert ev["loss"] == pytest.approx(result["final_val_loss"], rel=1e-5)
+
+
+def test_evaluate_gives_the_tta_views_to_the_fraction_the_run_did(tmp_path, mnist_run_sets):
+    """A run evaluated with train.tta_fraction is re-evaluated the same way (the numbers its metrics
+    hold, eval.json and the report say so); asking for TTA explicitly gives every image the views."""
+    from cnnlab.report import tta_text
+
+    sets = mnist_run_sets + ["train.tta_shift=1", "train.tta_fraction=0.1"]
+    train.train(config.load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "mnist_tiny.toml", sets),
+                tmp_path / "run")
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    ev = evaluate.evaluate_run(tmp_path / "run", split="val", n_images=1, out_dir=tmp_path / "as_run")
+    assert (ev["tta_shift"], ev["tta_fraction"]) == (1, 0.1)
+    assert ev["accuracy"] == pytest.approx(result["best_val_acc"], abs=1e-6)
+    assert ev["loss"] == pytest.approx(result["final_val_loss"], rel=1e-5)
+    assert tta_text(ev) == "shift 1 px (for the least confident 10% of each batch)"
+    full = evaluate.evaluate_run(tmp_path / "run", split="val", tta=True, n_images=1, out_dir=tmp_path / "full")
+    assert full["tta_fraction"] == 1.0 and full["loss"] != pytest.approx(ev["loss"], rel=1e-6)
+    assert tta_text(full) == "flip, shift 1 px"

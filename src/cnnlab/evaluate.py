@@ -162,6 +162,12 @@ def run_tta(ckpt: dict, tta: bool | None) -> tuple[bool, int]:
     return bool(tta), int(run_train.get("tta_shift", 0)) if tta else 0
 
 
+def run_tta_fraction(ckpt: dict, tta: bool | None) -> float:
+    """The share of each batch that gets the TTA views: ``None`` as the run evaluated itself (its
+    ``train.tta_fraction``); otherwise every image."""
+    return float(ckpt["config"].get("train", {}).get("tta_fraction", 1.0)) if tta is None else 1.0
+
+
 def run_dtype(ckpt: dict, model: torch.nn.Module) -> torch.dtype:
     """The autocast dtype a run evaluates in: its ``train.dtype`` (float16, a GPU format, is float32 on a CPU)."""
     dtype = DTYPES.get(ckpt["config"].get("train", {}).get("dtype", "float32"), torch.float32)
@@ -220,9 +226,11 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
              n_images: int = 16, out_dir: str | Path | None = None) -> Evaluation:
     """Evaluate a run's checkpoint on a split, write ``eval.json`` (into ``out_dir`` or the run).
 
-    ``tta=None`` evaluates as the run did (its ``train.tta``), so the numbers match its metrics."""
+    ``tta=None`` evaluates as the run did (its ``train.tta``, ``tta_shift`` and ``tta_fraction``), so the
+    numbers match its metrics."""
     run_dir = Path(run_dir)
     ckpt, model = load_run_model(run_dir, checkpoint)
+    fraction = run_tta_fraction(ckpt, tta)
     tta, tta_shift = run_tta(ckpt, tta)
     images, split_name = load_eval_split(ckpt, split)
     info = ckpt["dataset"]
@@ -231,7 +239,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     loader = Loader(images.images, images.labels, batch, info["mean"], info["std"], device=model_device(model))
     dtype = run_dtype(ckpt, model)
     try:
-        logits, labels = predict(model, loader, tta=tta, dtype=dtype, tta_shift=tta_shift)
+        logits, labels = predict(model, loader, tta=tta, dtype=dtype, tta_shift=tta_shift, tta_fraction=fraction)
     except RuntimeError as e:
         raise CnnlabError(f"model {ckpt['model_name']} cannot run on {info['name']} images "
                           f"({str(e).splitlines()[0]}); the checkpoint does not match its dataset") from None
@@ -240,6 +248,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", split: str | None = 
     summary = {
         "run": str(run_dir), "checkpoint": checkpoint, "epoch": ckpt.get("epoch"), "split": split_name,
         "dataset": info["name"], "model": ckpt["model_name"], "tta": bool(tta), "tta_shift": tta_shift,
+        "tta_fraction": fraction if (tta or tta_shift) else None,
         "dtype": str(dtype).removeprefix("torch."), "device": str(model_device(model)), "loss": loss, **m,
         "top_losses": top_losses(logits, labels, classes, n_images),
     }

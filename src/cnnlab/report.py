@@ -187,13 +187,21 @@ def section_training(run_dir: Path, result: dict, rows: list[dict]) -> str:
     return "".join(parts)
 
 
+def tta_text(ev: dict) -> str:
+    """The test-time augmentation an eval.json used, in words."""
+    views = ", ".join(["flip"] * bool(ev.get("tta")) + [f"shift {ev['tta_shift']} px"] * bool(ev.get("tta_shift")))
+    fraction = ev.get("tta_fraction") or 1.0
+    if views and fraction < 1:
+        views += f" (for the least confident {fraction:.0%} of each batch)"
+    return views or "off"
+
+
 def section_failures(run_dir: Path, ev: dict) -> str:
     facts = numbers([(f"{ev['split']} accuracy", _pct(ev["accuracy"])),
                      ("balanced accuracy", _pct(ev["balanced_accuracy"])),
                      ("images", f"{ev['n']:,}"), ("loss", f"{ev['loss']:.4f}"),
                      ("checkpoint", f"{ev['checkpoint']}.pt (epoch {ev.get('epoch', '?')})"),
-                     ("TTA", ", ".join(["flip"] * bool(ev.get("tta")) + [f"shift {ev['tta_shift']} px"] * bool(ev.get("tta_shift")))
-                      or "off")])
+                     ("TTA", tta_text(ev))])
     body = [[c, _pct(v["precision"]), _pct(v["recall"]), f"{v['f1']:.3f}", v["support"]]
             for c, v in ev["per_class"].items()]
     pairs = [[p["true"], p["predicted"], p["count"]] for p in ev["most_confused"]]
