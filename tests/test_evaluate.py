@@ -239,7 +239,7 @@ def test_evaluate_uses_the_runs_precision(tmp_path, mnist_run_sets):
     assert ev["loss"] == pytest.approx(result["final_val_loss"], rel=1e-5)
 
 
-def test_evaluate_gives_the_tta_views_to_the_fraction_the_run_did(tmp_path, mnist_run_sets):
+def test_evaluate_gives_the_tta_views_to_the_fraction_the_run_did(tmp_path, mnist_run_sets, capsys):
     """A run evaluated with train.tta_fraction is re-evaluated the same way (the numbers its metrics
     hold, eval.json and the report say so); asking for TTA explicitly gives every image the views."""
     from cnnlab.report import tta_text
@@ -256,3 +256,7 @@ def test_evaluate_gives_the_tta_views_to_the_fraction_the_run_did(tmp_path, mnis
     full = evaluate.evaluate_run(tmp_path / "run", split="val", tta=True, n_images=1, out_dir=tmp_path / "full")
     assert full["tta_fraction"] == 1.0 and full["loss"] != pytest.approx(ev["loss"], rel=1e-6)
     assert tta_text(full) == "flip, shift 1 px"
+    from cnnlab.cli import main
+    assert main(["evaluate", str(tmp_path / "run"), "--split", "val", "--n", "1"]) == 0
+    assert "(1000 images, best.pt, TTA shift 1 px (for the least confident 10% of each batch)): accuracy" in \
+        capsys.readouterr().out

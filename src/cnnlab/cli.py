@@ -151,8 +151,9 @@ def cmd_evaluate(args) -> None:
     ev = report.evaluate_and_plot(args.run, checkpoint=args.checkpoint, split=args.split, tta=args.tta,
                                   n_images=args.n, layer=args.layer)
     worst = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in ev["most_confused"][:3]) or "none"
+    tta = report.tta_text(ev)
     print(f"{ev['model']} on {ev['dataset']} {ev['split']} ({ev['n']} images, {ev['checkpoint']}.pt"
-          f"{', flip TTA' if ev['tta'] else ''}): accuracy {ev['accuracy']:.2%}, balanced accuracy "
+          f"{', TTA ' + tta if tta != 'off' else ''}): accuracy {ev['accuracy']:.2%}, balanced accuracy "
           f"{ev['balanced_accuracy']:.2%}; most confused: {worst}")
     print(f"wrote {Path(args.run) / 'eval.json'} and {', '.join(ev['pictures'])}")
 
