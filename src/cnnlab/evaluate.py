@@ -209,8 +209,8 @@ def load_eval_split(ckpt: dict, split: str | None = None) -> tuple[Split, str]:
     return ds.test, ds.test_name
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels, reduction="none")
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
 
 
 def top_losses(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], n: int) -> list[dict]:

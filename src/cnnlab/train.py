@@ -42,7 +42,7 @@ from cnnlab.config import Config
 from cnnlab.data import Dataset, dataset_ref, load_dataset, subset
 from cnnlab.distributed import World
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, predict
+from cnnlab.evaluate import DTYPES, autocast, loss_and_accuracy, per_sample_loss, predict
 from cnnlab.schedules import lr_at
 from cnnlab.summary import check_budget, check_model
 
@@ -493,11 +493,11 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
     models.start_epoch(model, epoch)  # a model's own per-epoch rule (airbench: freeze the whitening bias)
     forward = s.parallel.wrapper() if s.parallel is not None else s.forward
     plan = epoch_steps(s)  # the schedule spans the run's steps; epochs of unequal length count by their mean
-    total = sum(plan)
+    total, before = sum(plan), sum(plan[:epoch - 1])
     steps_per_epoch = plan[0] if len(set(plan)) == 1 else total / len(plan)
     hard = cfg.train.hard_fraction < 1
     pool = hard_examples.hardest(st.hard_scores, cfg.train.hard_fraction, cfg.data.batch_size) if hard and epoch > 1 else None
-    score = hard and epoch == 1 < cfg.train.epochs  # the first epoch's losses choose the pool
+    score = hard and epoch == 1 and cfg.train.epochs > 1  # the first epoch's losses choose the pool
     losses: list[tuple[torch.Tensor, ...]] = []  # (image indices, their losses, the batch number) of each batch
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -506,7 +506,7 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
     t0 = time.perf_counter()
     with _progress(plan[epoch - 1], epoch, cfg.train.quiet or not s.world.main) as bar:
         for i, (idx, x, y) in enumerate(s.train_loader.batches(s.gen, epoch, pool)):
-            step = sum(plan[:epoch - 1]) + i
+            step = before + i
             lr, mom = lr_at(cfg.schedule, cfg.optim, step, steps_per_epoch, cfg.train.epochs)
             set_lr(opt, lr, mom)
             opt.zero_grad(set_to_none=True)
@@ -519,8 +519,7 @@ def train_epoch(s: Setup, st: RunState, epoch: int) -> dict:
                 loss_sum += loss * len(yk)
                 correct += (logits.argmax(1) == yk).sum()
                 if score:
-                    batch_losses.append(F.cross_entropy(logits.float(), yk, reduction="none",
-                                                        label_smoothing=cfg.optim.label_smoothing))
+                    batch_losses.append(per_sample_loss(logits, yk, cfg.optim.label_smoothing))
             if score:
                 losses.append((idx, torch.cat(batch_losses), torch.full_like(idx, i)))
             optimizer_step(model, opt, s.scaler, cfg.optim.grad_clip)
